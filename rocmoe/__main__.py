@@ -1,0 +1,7 @@
+"""``python -m rocmoe`` = the ``rocmoe`` command."""
+
+import sys
+
+from rocmoe.cli import main
+
+sys.exit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import platform
 import sys
@@ -48,8 +49,15 @@ def collect(device: Device | None = None) -> dict[str, Any]:
         try:
             rows = registry.explain(op, device, problem)
             error = None
-        except ValueError as exc:  # a malformed ROCMOE_*BACKEND value
-            rows, error = registry.explain(op, device, problem, backend="auto"), str(exc)
+        except ValueError as exc:  # a malformed ROCMOE_*BACKEND value: every call of the op fails
+            error = str(exc)
+            rows = [dataclasses.replace(r, selected=False)
+                    for r in registry.explain(op, device, problem, backend="auto")]
+        if error is None and not any(r.selected for r in rows):
+            try:
+                registry.select(op, device, problem)
+            except registry.BackendUnavailableError as exc:
+                error = str(exc).splitlines()[0]
         ops.append({
             "op": op,
             "problem": label,

@@ -289,10 +289,12 @@ class Explanation:
 
 
 def explain(op: str, device: Device, problem: Hashable, backend: str | None = None) -> list[Explanation]:
-    """Every backend's status for ``op``: which is selected, which can run, and why not."""
+    """Every backend's status for ``op``: which is selected, which can run, and why not.
+
+    Raises ValueError for a malformed backend request, as :func:`select` does."""
     try:
         chosen: str | None = select(op, device, problem, backend).impl.backend
-    except (BackendUnavailableError, ValueError):
+    except BackendUnavailableError:
         chosen = None
     rows = []
     for name in BACKENDS:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rocmoe.backends.torch._base import TorchOp
+from rocmoe.backends.torch._base import TorchOp, refuse_graph_capture
 from rocmoe.formats.mxfp4 import dequantize_mxfp4
 
 __all__ = ["TorchMoeWeights", "to_torch_layout", "mxfp4_moe_torch", "IMPLEMENTATION"]
@@ -141,6 +141,7 @@ class TorchMxfp4Moe(TorchOp):
 
     def run(self, x, weights, topk_weights, topk_ids, expert_map, activation, alpha, limit,
             apply_router_weight_on_input, out, workspace) -> None:
+        refuse_graph_capture(x, "of mxfp4_moe reads per-expert token counts on the host")
         contributions = None if workspace is None else workspace[: workspace.numel() // 4 * 4].view(torch.float32)
         result = mxfp4_moe_torch(x, self.prepare(weights), topk_weights, topk_ids, expert_map, activation,
                                  alpha, limit, apply_router_weight_on_input, contributions=contributions)

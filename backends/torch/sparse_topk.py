@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rocmoe.backends.torch._base import TorchOp
+from rocmoe.backends.torch._base import TorchOp, refuse_graph_capture
 
 __all__ = ["sparse_topk_torch", "window_applies", "IMPLEMENTATION"]
 
@@ -70,6 +70,9 @@ class TorchSparseTopk(TorchOp):
     op = "sparse_topk"
 
     def run(self, logits, seq_lens, topk, block_table, block_size, max_seq_len, out) -> None:
+        if max_seq_len is None and (logits is None or logits.shape[1] > topk):
+            refuse_graph_capture(seq_lens, "of sparse_topk reads max(seq_lens) on the host unless max_seq_len "
+                                           "is given")
         out.copy_(sparse_topk_torch(logits, seq_lens, topk, block_table, block_size, max_seq_len))
 
 

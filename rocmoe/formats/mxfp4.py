@@ -15,7 +15,6 @@ __all__ = [
     "MXFP4_BLOCK",
     "e2m1_lut",
     "e8m0_to_float32",
-    "unpack_e2m1",
     "dequantize_mxfp4",
     "quantize_mxfp4",
 ]
@@ -41,14 +40,6 @@ def e8m0_to_float32(scales: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def unpack_e2m1(blocks: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., K/2] -> int64 codes [..., K] (low nibble first)."""
-    if blocks.dtype != torch.uint8:
-        raise TypeError(f"blocks must be uint8 (packed E2M1), got {blocks.dtype}")
-    b = blocks.to(torch.int64)
-    return torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
-
-
 def dequantize_mxfp4(
     blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
@@ -63,6 +54,10 @@ def dequantize_mxfp4(
         [..., K] tensor of ``dtype``. Exact for every representable value of
         ``dtype`` (the product is formed in float32/float64, then rounded once).
     """
+    if blocks.dtype != torch.uint8:
+        raise TypeError(f"blocks must be uint8 (packed E2M1), got {blocks.dtype}")
+    if scales.dtype != torch.uint8:
+        raise TypeError(f"scales must be uint8 (E8M0), got {scales.dtype}")
     if blocks.shape[:-1] != scales.shape[:-1] or blocks.shape[-1] * 2 != scales.shape[-1] * MXFP4_BLOCK:
         raise ValueError(
             f"blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not describe the same "

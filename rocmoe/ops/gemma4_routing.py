@@ -44,7 +44,8 @@ def gemma4_routing(
 
     (equal to softmax over all E, top-k, renormalise; computed over the K
     selected values only). -0.0 and +0.0 are equal logits. A row holding NaN
-    still gets ids in [0, E); its weights may be NaN.
+    still gets ids in [0, E); its weights may be NaN. A selected +inf logit
+    makes the row's weights NaN (inf - inf in the softmax); -inf is ordinary.
 
     Args:
         gating_output: [T, E] float32, bfloat16 or float16. Unit stride along

@@ -1,0 +1,146 @@
+"""GPU checks (run with ``pytest -m gpu`` on a CUDA or ROCm machine): the
+selected backend at real shapes, CUDA-graph capture, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rocmoe
+from conftest import is_poisoned, poison
+from reference import routing_ref
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU"),
+]
+
+
+@pytest.fixture
+def cuda():
+    return torch.device("cuda")
+
+
+def test_device_descriptor_reads_the_hardware():
+    dev = rocmoe.Device.current()
+    props = torch.cuda.get_device_properties(dev.index)
+    assert dev.present and dev.limits.compute_units == props.multi_processor_count
+    if torch.version.hip:
+        assert dev.arch == props.gcnArchName.split(":")[0]
+    else:
+        assert dev.arch == f"sm{props.major}{props.minor}"
+
+
+def test_bench_quick_cases_pass_on_gpu(cuda):
+    from rocmoe.bench import run_quick
+
+    rows = run_quick(cuda, reps=5)
+    assert rows and all(r["check_ok"] for r in rows), rows
+
+
+@pytest.mark.parametrize("tokens", [1, 128, 65536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routing_at_model_shapes(cuda, gen, tokens, dtype):
+    logits = torch.randn(tokens, 128, generator=gen).to(dtype)
+    scale = torch.rand(128, generator=gen) + 0.5
+    w, ids = rocmoe.gemma4_routing(logits.to(cuda), 8, scale.to(cuda))
+    sample = torch.randperm(tokens, generator=gen)[:256]
+    ref_w, ref_ids = routing_ref(logits[sample], 8, scale)
+    assert torch.equal(ids.cpu()[sample].long(), ref_ids)
+    torch.testing.assert_close(w.cpu()[sample].double(), ref_w, rtol=1e-5, atol=1e-6)
+
+
+def _replay_matches_eager(capture_fn, refill, eager_fn, outs):
+    """Capture once, then refill the inputs in place and replay: the graph's
+    outputs must follow the new inputs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        capture_fn()  # warm-up outside the graph (selection, conversion)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        capture_fn()
+    for _ in range(2):
+        refill()
+        for o in outs:
+            poison(o)
+        graph.replay()
+        torch.cuda.synchronize()
+        for o in outs:
+            assert not is_poisoned(o).any()
+        for got, want in zip(outs, eager_fn()):
+            if got.is_floating_point():
+                torch.testing.assert_close(got, want, equal_nan=False)
+            else:
+                assert torch.equal(got, want)
+
+
+def test_graph_capture_routing(cuda, gen):
+    logits = torch.randn(64, 128, device=cuda)
+    scale = torch.rand(128, device=cuda)
+    out_w = torch.empty(64, 8, device=cuda)
+    out_ids = torch.empty(64, 8, dtype=torch.int32, device=cuda)
+    _replay_matches_eager(
+        lambda: rocmoe.gemma4_routing(logits, 8, scale, out_weights=out_w, out_ids=out_ids),
+        lambda: logits.copy_(torch.randn(64, 128, generator=gen).to(cuda)),
+        lambda: rocmoe.gemma4_routing(logits, 8, scale), [out_w, out_ids])
+
+
+def test_graph_capture_sparse_mla_decode(cuda, gen):
+    q = torch.randn(4, 16, 576, device=cuda, dtype=torch.bfloat16)
+    cache = torch.randn(64, 64, 576, device=cuda, dtype=torch.bfloat16)
+    idx = torch.randint(-1, 4096, (4, 256), device=cuda, dtype=torch.int32)
+    out = torch.empty(4, 16, 512, device=cuda, dtype=torch.bfloat16)
+    lse = torch.empty(4, 16, device=cuda)
+
+    def call(**bufs):
+        return rocmoe.sparse_mla_decode(q, cache, idx, softmax_scale=0.07, **bufs)
+
+    _replay_matches_eager(lambda: call(out=out, lse_out=lse),
+                          lambda: q.copy_(torch.randn(4, 16, 576, generator=gen).to(cuda, torch.bfloat16)),
+                          call, [out, lse])
+
+
+def test_graph_capture_sparse_topk_with_host_bound(cuda, gen):
+    lens = torch.randint(0, 2049, (64,), device=cuda, dtype=torch.int32)
+    out = torch.empty(64, 2048, dtype=torch.int32, device=cuda)
+    _replay_matches_eager(
+        lambda: rocmoe.sparse_topk(None, lens, 2048, max_seq_len=2048, out=out),
+        lambda: lens.copy_(torch.randint(0, 2049, (64,), generator=gen).to(cuda, torch.int32)),
+        lambda: (rocmoe.sparse_topk(None, lens, 2048, max_seq_len=2048),), [out])
+
+
+def test_torch_backend_moe_refuses_capture_clearly(cuda):
+    from rocmoe.bench import random_mxfp4_weights
+
+    w = random_mxfp4_weights(4, 128, 64, "concatenated", False, cuda, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 128, device=cuda, dtype=torch.bfloat16)
+    ids = torch.zeros(2, 1, dtype=torch.int32, device=cuda)
+    tw = torch.ones(2, 1, device=cuda)
+    rocmoe.mxfp4_moe(x, w, tw, ids, backend="torch")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            rocmoe.mxfp4_moe(x, w, tw, ids, backend="torch")
+
+
+def test_compile_on_gpu(cuda):
+    torch._dynamo.reset()
+    q = torch.randn(2, 16, 512, device=cuda, dtype=torch.bfloat16)
+    cache = torch.randn(8, 64, 512, device=cuda, dtype=torch.bfloat16)
+    idx = torch.randint(0, 512, (2, 64), device=cuda, dtype=torch.int32)
+    logits = torch.randn(32, 128, device=cuda)
+    scale = torch.rand(128, device=cuda)
+
+    def fn(q, cache, idx, logits, scale):
+        out, lse = rocmoe.sparse_mla_decode(q, cache, idx, softmax_scale=0.1, d_v=448)
+        w, ids = rocmoe.gemma4_routing(logits, 8, scale)
+        return out, lse, w, ids
+
+    compiled = torch.compile(fn, fullgraph=True)
+    for got, want in zip(compiled(q, cache, idx, logits, scale), fn(q, cache, idx, logits, scale)):
+        if got.is_floating_point():
+            torch.testing.assert_close(got, want)
+        else:
+            assert torch.equal(got, want)

@@ -234,6 +234,7 @@ def render_quick(rows: list[dict[str, Any]], device: Device, file=None) -> None:
     import sys
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(file=file or sys.stdout, width=140)
@@ -244,7 +245,7 @@ def render_quick(rows: list[dict[str, Any]], device: Device, file=None) -> None:
         t = r.get("median_s")
         time_s = "-" if t is None else (f"{t * 1e6:.1f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms")
         mark = "[green]ok[/green]" if r["check_ok"] else "[red]FAIL[/red]"
-        table.add_row(r["op"], r["backend"], r["shape"], time_s, f"{mark} {r['check']}")
+        table.add_row(r["op"], r["backend"], r["shape"], time_s, f"{mark} {escape(r['check'])}")
     console.print(table)
     if not device.is_gpu:
         console.print("CPU run: these are CPU timings of the torch backend; GPU numbers need a GPU.")

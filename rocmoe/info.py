@@ -92,6 +92,7 @@ def collect(device: Device | None = None) -> dict[str, Any]:
 def render(info: dict[str, Any], file=None) -> None:
     """Print ``info`` as tables (rich)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(file=file or sys.stdout, width=140)
@@ -102,7 +103,7 @@ def render(info: dict[str, Any], file=None) -> None:
                   f"{dev['compute_units']} CU/SM  {dev['shared_mem_per_block'] // 1024} KiB shared/block  "
                   f"warp {dev['warp_size']}")
     console.print(f"default backend order: {' > '.join(info['default_order'])}")
-    console.print("environment: " + (", ".join(f"{k}={v}" for k, v in info["env"].items()) or "no overrides"))
+    console.print("environment: " + escape(", ".join(f"{k}={v}" for k, v in info["env"].items()) or "no overrides"))
     table = Table(title="op x backend", show_lines=True)
     for column in ("op (explained for)", "backend", "status", "launch config / reasons"):
         table.add_column(column, overflow="fold")
@@ -113,8 +114,8 @@ def render(info: dict[str, Any], file=None) -> None:
                 "available" if b["available"] else "[red]unavailable[/red]")
             detail = "\n".join(b["reasons"]) if b["reasons"] else (b["config"] or "-")
             label = f"{op['op']}\n({op['problem']})" if first else ""
-            table.add_row(label, b["backend"], status, detail)
+            table.add_row(label, b["backend"], status, escape(detail))
             first = False
         if op["error"]:
-            table.add_row("", "", "[red]error[/red]", op["error"])
+            table.add_row("", "", "[red]error[/red]", escape(op["error"]))
     console.print(table)

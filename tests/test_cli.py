@@ -37,6 +37,19 @@ def test_info_table_via_python_m():
     assert "op x backend" in result.stdout and "selected" in result.stdout
 
 
+def test_info_table_prints_reasons_verbatim(monkeypatch):
+    """Reasons hold brackets ('rocmoe[cuda]'); the table must not eat them as markup."""
+    import io
+
+    from rocmoe import info as info_mod
+
+    info = info_mod.collect(rocmoe.Device.from_arch("cpu"))
+    info["ops"][0]["backends"][1]["reasons"] = ["triton is not installed (pip install 'rocmoe[cuda]')"]
+    buffer = io.StringIO()
+    info_mod.render(info, file=buffer)
+    assert "rocmoe[cuda]" in buffer.getvalue()
+
+
 def test_info_reports_a_bad_env_value(monkeypatch):
     import os
 
@@ -63,7 +76,7 @@ def test_info_reports_an_unsatisfiable_request():
 
 def test_bench_quick_runs_checks_and_writes_json(tmp_path, capsys):
     path = tmp_path / "quick.json"
-    code = main(["bench", "--quick", "--json", str(path)])
+    code = main(["bench", "--quick", "--device", "cpu", "--json", str(path)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     data = json.loads(path.read_text())
@@ -74,7 +87,7 @@ def test_bench_quick_runs_checks_and_writes_json(tmp_path, capsys):
 
 
 def test_bench_quick_fails_loudly_on_an_impossible_backend(capsys):
-    assert main(["bench", "--quick", "--op", "gemma4_routing", "--backend", "aiter"]) == 1
+    assert main(["bench", "--quick", "--device", "cpu", "--op", "gemma4_routing", "--backend", "aiter"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 

@@ -1,4 +1,4 @@
-"""The ``rocmoe`` command: ``rocmoe info`` and ``rocmoe bench --quick``."""
+"""The ``rocmoe`` command: ``info``, ``bench``, ``tune`` and ``build-check``."""
 
 from __future__ import annotations
 
@@ -34,10 +34,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if not args.quick:
-        print("rocmoe bench: this version has the --quick suite only; run `rocmoe bench --quick`",
-              file=sys.stderr)
-        return 2
-    from rocmoe.bench import render_quick, run_quick
+        return _full_bench(args)
+    from rocmoe.bench.quick import render_quick, run_quick
     from rocmoe.device import Device
     from rocmoe.info import collect
 
@@ -51,6 +49,80 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0 if rows and all(r["check_ok"] for r in rows) else 1
 
 
+def _cmd_build_check(args: argparse.Namespace) -> int:
+    from rocmoe import build_check
+
+    results = build_check.run(args.arch, args.op, jobs=args.jobs)
+    build_check.render(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(build_check.as_json(results), f, indent=2)
+    if not results:
+        print("rocmoe build-check: no Triton kernel matched", file=sys.stderr)
+        return 1
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _full_bench(args: argparse.Namespace) -> int:
+    from rocmoe.bench import report
+    from rocmoe.bench.cases import MODELS
+    from rocmoe.bench.runner import run_bench
+
+    if args.load:
+        with open(args.load) as f:
+            result = json.load(f)
+    else:
+        compare = [c.strip() for c in (args.compare or "").split(",") if c.strip()]
+        modes = []
+        for c in compare:  # "compile" means both compile modes
+            if c not in ("eager", "compile"):
+                raise ValueError(f"--compare takes eager and/or compile, got {c!r}")
+            modes += ["eager"] if c == "eager" else ["compile", "compile-max-autotune"]
+        ops = args.op or list(registry.OPS)
+        known = {m for op in ops for m in MODELS[op]}
+        bad = [m for m in args.model or [] if m not in known]
+        if bad:
+            raise ValueError(f"--model {', '.join(bad)} is not a benchmark model of {', '.join(ops)}; "
+                             f"valid: {', '.join(sorted(known))}")
+        backends = [b.strip() for b in args.backend.split(",")] if args.backend else None
+        device = _device_arg(args.device)
+        result = run_bench(device, ops=ops, models=args.model, backends=backends, compare=modes,
+                           seed=args.seed, sizes=args.size,
+                           progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+        result["command"] = "rocmoe bench " + " ".join(sys.argv[2:])
+    report.render_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(result, result.get("command", "rocmoe bench")))
+    if args.plot:
+        report.plot(result, args.plot)
+    return 0 if all(r["check_ok"] is not False for r in result["rows"]) else 1
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import importlib
+    import importlib.util
+
+    from rocmoe.tune import run_tune
+
+    module_name = f"rocmoe.backends.triton.{args.op}"
+    if importlib.util.find_spec(module_name) is None:
+        print(f"rocmoe tune: the triton backend has no {args.op} kernel to tune", file=sys.stderr)
+        return 2
+    tuning = getattr(importlib.import_module(module_name), "TUNING", None)
+    if tuning is None:
+        print(f"rocmoe tune: {args.op} has no tunable launch parameters", file=sys.stderr)
+        return 2
+    device = _device_arg(args.device)
+    path = run_tune(tuning, device, out=args.out, budget_s=args.budget_s,
+                    command="rocmoe tune " + " ".join(sys.argv[2:]))
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rocmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,14 +132,35 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--device", help="torch device to describe (default: the current one)")
     info.set_defaults(fn=_cmd_info)
 
-    bench = sub.add_parser("bench", help="check and time every op on this device")
+    bench = sub.add_parser("bench", help="check and time every op on this device (roofline, graphs, compare)")
     bench.add_argument("--quick", action="store_true", help="small real-model shapes, one per op")
     bench.add_argument("--op", action="append", choices=registry.OPS, help="only this op (repeatable)")
+    bench.add_argument("--model", action="append", help="only this model's shapes (repeatable)")
+    bench.add_argument("--size", action="append", type=int, help="only this token count / window (repeatable)")
     bench.add_argument("--backend", help="backend name or comma list (default: the registry's choice)")
+    bench.add_argument("--compare", help="eager,compile: also time the torch reference eagerly / compiled")
     bench.add_argument("--device", help="torch device (default: the current GPU, else the CPU)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--markdown", metavar="FILE", help="also write a markdown table (for the README)")
+    bench.add_argument("--plot", metavar="FILE", help="also draw time vs size with the roofline (PNG)")
+    bench.add_argument("--load", metavar="JSON", help="re-render a saved result instead of running")
     bench.set_defaults(fn=_cmd_bench)
+
+    tune = sub.add_parser("tune", help="measure launch configs on this device and write the config table")
+    tune.add_argument("--op", required=True, choices=registry.OPS)
+    tune.add_argument("--out", help="table path (default: rocmoe/configs/<op>/<arch>.json in the package)")
+    tune.add_argument("--budget-s", type=float, default=600.0, help="stop sweeping after this many seconds")
+    tune.add_argument("--device", help="torch device (default: the current GPU)")
+    tune.set_defaults(fn=_cmd_tune)
+
+    check = sub.add_parser("build-check", help="compile every Triton kernel and config for gfx942, gfx950, "
+                                                "sm90 and sm100 (no GPU needed); fail on errors, spills, LDS")
+    check.add_argument("--arch", action="append", help="only this target (repeatable)")
+    check.add_argument("--op", action="append", choices=registry.OPS, help="only this op (repeatable)")
+    check.add_argument("--jobs", type=int, help="parallel compile processes (default: CPU count)")
+    check.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    check.set_defaults(fn=_cmd_build_check)
     return parser
 
 

@@ -108,6 +108,10 @@ class BackendOp:
             ]
         return []
 
+    def graph_capturable(self, problem: Any) -> bool:
+        """Whether a call for ``problem`` can be captured in a CUDA graph (no host sync)."""
+        return True
+
     def config_source(self, device: Device) -> str | None:
         """Where this implementation's launch configs come from on ``device``
         (a table path or a heuristic name), or None when it has none."""

@@ -9,6 +9,11 @@ import secrets
 import pytest
 import torch
 
+# Triton kernels run under the interpreter on a CPU-only machine, compiled on a
+# GPU one; this must be decided before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SESSION_SEED = int(os.environ.get("ROCMOE_TEST_SEED") or secrets.randbits(31))
 
 
@@ -45,3 +50,13 @@ def is_poisoned(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return torch.isnan(t)
     return t == -7777
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """Where Triton kernels run in this process: the GPU, else the CPU interpreter."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.fail("no GPU and TRITON_INTERPRET is off: the Triton tests cannot run here")
+    return torch.device("cpu")

@@ -91,9 +91,9 @@ def test_bench_quick_fails_loudly_on_an_impossible_backend(capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
-def test_bench_without_quick_says_what_exists(capsys):
-    assert main(["bench"]) == 2
-    assert "--quick" in capsys.readouterr().err
+def test_full_bench_validates_its_model_filter(capsys):
+    assert main(["bench", "--op", "sparse_topk", "--model", "gemma4-26b-a4b"]) == 2
+    assert "valid: dsv32" in capsys.readouterr().err
 
 
 def test_unknown_op_is_rejected():

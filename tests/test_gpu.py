@@ -32,13 +32,13 @@ def test_device_descriptor_reads_the_hardware():
 
 
 def test_bench_quick_cases_pass_on_gpu(cuda):
-    from rocmoe.bench import run_quick
+    from rocmoe.bench.quick import run_quick
 
     rows = run_quick(cuda, reps=5)
     assert rows and all(r["check_ok"] for r in rows), rows
 
 
-@pytest.mark.parametrize("tokens", [1, 128, 65536])
+@pytest.mark.parametrize("tokens", [1, 128, 65536, 262144])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_routing_at_model_shapes(cuda, gen, tokens, dtype):
     logits = torch.randn(tokens, 128, generator=gen).to(dtype)
@@ -112,7 +112,7 @@ def test_graph_capture_sparse_topk_with_host_bound(cuda, gen):
 
 
 def test_torch_backend_moe_refuses_capture_clearly(cuda):
-    from rocmoe.bench import random_mxfp4_weights
+    from rocmoe.bench.cases import random_mxfp4_weights
 
     w = random_mxfp4_weights(4, 128, 64, "concatenated", False, cuda, torch.Generator().manual_seed(0))
     x = torch.randn(2, 128, device=cuda, dtype=torch.bfloat16)

@@ -132,6 +132,9 @@ def mxfp4_moe_torch(
 class TorchMxfp4Moe(TorchOp):
     op = "mxfp4_moe"
 
+    def graph_capturable(self, problem) -> bool:
+        return False  # per-expert token counts are read on the host
+
     def prepare(self, weights) -> TorchMoeWeights:
         return weights.converted("torch", to_torch_layout)
 

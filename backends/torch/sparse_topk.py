@@ -69,6 +69,10 @@ def positions_to_slots(positions: torch.Tensor, block_table: torch.Tensor, block
 class TorchSparseTopk(TorchOp):
     op = "sparse_topk"
 
+    def graph_capturable(self, problem) -> bool:
+        # The short-circuit decided from a host-side bound needs no sync.
+        return problem.seq_len is None or problem.seq_len <= problem.topk
+
     def run(self, logits, seq_lens, topk, block_table, block_size, max_seq_len, out) -> None:
         if max_seq_len is None and (logits is None or logits.shape[1] > topk):
             refuse_graph_capture(seq_lens, "of sparse_topk reads max(seq_lens) on the host unless max_seq_len "

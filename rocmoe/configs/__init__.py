@@ -112,6 +112,7 @@ class ConfigSpec:
     regime_keys: tuple[str, ...]
     heuristics: Mapping[str, Callable[[Mapping[str, int]], Any]]
     _tables: dict[str, ConfigTable | None] = field(default_factory=dict, repr=False)
+    _chosen: dict[tuple, tuple[Any, str]] = field(default_factory=dict, repr=False)
 
     def table(self, arch: str) -> ConfigTable | None:
         """The table for ``arch`` (loaded and validated once), or None."""
@@ -127,7 +128,20 @@ class ConfigSpec:
         return fn
 
     def choose(self, device: Device, **regime: int) -> tuple[Any, str]:
-        """(params, where they came from) for the live ``regime`` on ``device``."""
+        """(params, where they came from) for the live ``regime`` on ``device``
+        (memoised: the launch path is one dict lookup after the first call)."""
+        key = (device.arch, device.family, *sorted(regime.items()))
+        hit = self._chosen.get(key)
+        if hit is None:
+            hit = self._chosen[key] = self._choose(device, regime)
+        return hit
+
+    def forget(self) -> None:
+        """Drop loaded tables and memoised choices (after a table was rewritten)."""
+        self._tables.clear()
+        self._chosen.clear()
+
+    def _choose(self, device: Device, regime: dict[str, int]) -> tuple[Any, str]:
         missing = set(self.regime_keys) - set(regime)
         if missing:
             raise TypeError(f"{self.op}/{self.kernel}: regime is missing {', '.join(sorted(missing))}")

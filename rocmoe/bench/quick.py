@@ -3,15 +3,13 @@ device with the selected backend, each result checked against the fp64 torch
 reference on the CPU before it is timed.
 
 Timing: CUDA events on GPUs (median of repeated calls after a warm-up), the
-host clock on the CPU. The full roofline benchmark (graph replay, ceilings,
-torch.compile comparisons) builds on this module.
+host clock on the CPU. The full benchmark (``rocmoe bench`` without --quick)
+adds graph replay, ceilings and comparisons.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +22,15 @@ from rocmoe.backends.torch.gemma4_routing import gemma4_routing_torch
 from rocmoe.backends.torch.mxfp4_moe import mxfp4_moe_torch, to_torch_layout
 from rocmoe.backends.torch.sparse_mla_decode import sparse_mla_decode_torch
 from rocmoe.backends.torch.sparse_topk import sparse_topk_torch
+from rocmoe.bench.cases import random_mxfp4_weights
+from rocmoe.bench.timing import time_events, time_host
 from rocmoe.device import Device
 from rocmoe.ops import gemma4_routing as routing_op
 from rocmoe.ops import mxfp4_moe as moe_op
 from rocmoe.ops import sparse_mla_decode as mla_op
 from rocmoe.ops import sparse_topk as topk_op
 
-__all__ = ["QuickCase", "quick_cases", "run_quick", "time_call", "random_mxfp4_weights"]
+__all__ = ["QuickCase", "quick_cases", "run_quick"]
 
 
 @dataclass
@@ -48,56 +48,6 @@ class QuickCase:
     problem: Any
     call: Callable[[str | None], Any]
     check: Callable[[Any], Check]
-
-
-def time_call(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, reps: int = 20,
-              budget_s: float = 2.0) -> float:
-    """Median seconds per call of ``fn`` (device events on GPUs, host clock on
-    CPU); fewer repetitions (at least 3) when ``reps`` would exceed ``budget_s``."""
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    per_call = (time.perf_counter() - t0) / max(warmup, 1)
-    reps = max(3, min(reps, int(budget_s / max(per_call, 1e-9))))
-    samples = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "xpu":
-                torch.xpu.synchronize(device)
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
-def random_mxfp4_weights(num_experts: int, hidden: int, inter: int, gate_up: str, bias: bool,
-                         device: torch.device, gen: torch.Generator) -> rocmoe.Mxfp4MoeWeights:
-    """Random MXFP4 experts with realistic magnitudes (scales near 2**-7, so
-    that a dot over a few thousand elements stays O(1))."""
-
-    def packed(rows: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks = torch.randint(0, 256, (num_experts, rows, k // 2), generator=gen, dtype=torch.uint8)
-        scales = torch.randint(117, 122, (num_experts, rows, k // 32), generator=gen, dtype=torch.uint8)
-        return blocks.to(device), scales.to(device)
-
-    w1b, w1s = packed(2 * inter, hidden)
-    w2b, w2s = packed(hidden, inter)
-    b1 = b2 = None
-    if bias:
-        b1 = (torch.randn(num_experts, 2 * inter, generator=gen) * 0.1).to(device)
-        b2 = (torch.randn(num_experts, hidden, generator=gen) * 0.1).to(device)
-    return rocmoe.Mxfp4MoeWeights(w1b, w1s, w2b, w2s, b1=b1, b2=b2, gate_up=gate_up)
 
 
 def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -221,8 +171,9 @@ def run_quick(device: torch.device, *, ops: list[str] | None = None, backend: st
             result = case.call(backend)
             check = case.check(result)
             row.update(check_ok=check.ok, check=check.detail)
-            row["median_s"] = time_call(lambda: case.call(backend), device, reps=reps,
-                                        warmup=3 if desc.is_gpu else 1)
+            call = lambda: case.call(backend)  # noqa: E731
+            row["median_s"] = (time_events([call], device, reps=reps) if device.type == "cuda"
+                               else time_host(call, device, reps=reps))
         except (registry.BackendUnavailableError, ValueError) as exc:
             row.update(backend=row.get("backend", backend or "-"), check_ok=False, check=f"error: {exc}",
                        median_s=None)

@@ -1,0 +1,108 @@
+"""Timing on a device: CUDA-graph replay and event timing (medians), host
+clock on the CPU, and the device's ceilings measured on the spot."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Ceilings", "measure_ceilings", "time_events", "time_graph", "time_host"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "xpu":
+        torch.xpu.synchronize(device)
+
+
+def time_host(fn: Callable[[], object], device: torch.device, *, reps: int = 20, budget_s: float = 2.0) -> float:
+    """Median seconds per call by the host clock (synchronising after each call)."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    per_call = time.perf_counter() - t0
+    reps = max(3, min(reps, int(budget_s / max(per_call, 1e-9))))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def time_events(calls: Sequence[Callable[[], object]], device: torch.device, *, reps: int = 50,
+                warmup: int = 5) -> float:
+    """Median seconds of one call, each call bracketed by CUDA events; ``calls``
+    rotate (one per input set) so repeated calls do not re-read a warm cache."""
+    for i in range(warmup):
+        calls[i % len(calls)]()
+    torch.cuda.synchronize(device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        calls[i % len(calls)]()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+
+
+def time_graph(calls: Sequence[Callable[[], object]], device: torch.device, *, calls_per_graph: int = 0,
+               reps: int = 20) -> float:
+    """Median seconds per call under CUDA-graph replay: one graph holds
+    ``calls_per_graph`` calls cycling over ``calls``; replayed ``reps`` times."""
+    n = calls_per_graph or max(len(calls), 20)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for i in range(min(n, 3 * len(calls))):
+            calls[i % len(calls)]()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n):
+            calls[i % len(calls)]()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / n)
+    del graph
+    return statistics.median(samples)
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """Measured in the same run: device-copy bandwidth (bytes read + written per
+    second) and dense bf16 matmul rate (FLOP/s)."""
+
+    copy_bytes_per_s: float
+    bf16_flops_per_s: float
+
+
+def measure_ceilings(device: torch.device) -> Ceilings:
+    """A 1 GiB device-to-device copy and an 8192^3 bf16 matmul on random data."""
+    n = 1 << 28  # fp32 elements = 1 GiB
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    copy_s = time_events([lambda: dst.copy_(src)], device, reps=20, warmup=3)
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    out = torch.empty(m, m, device=device, dtype=torch.bfloat16)
+    mm_s = time_events([lambda: torch.matmul(a, b, out=out)], device, reps=20, warmup=3)
+    return Ceilings(copy_bytes_per_s=2 * n * 4 / copy_s, bf16_flops_per_s=2 * m**3 / mm_s)

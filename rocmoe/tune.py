@@ -1,0 +1,177 @@
+"""``rocmoe tune``: measure candidate launch configs on this device and write
+the per-arch table the registry's kernels read.
+
+A Triton op opts in by exporting ``TUNING`` (a :class:`Tuning`): its config
+spec, representative regime points, the candidate configs of a regime, and a
+builder of checked, timeable inputs. For each regime point every candidate is
+first checked against the reference, then timed (CUDA-graph replay over
+rotating inputs); the fastest wins. Progress is saved after every measurement
+(``<table>.partial.json``), so an interrupted run resumes where it stopped;
+``budget_s`` bounds the time, and regimes not reached are left to the
+heuristic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rocmoe.configs import PACKAGE_DIR, SCHEMA_VERSION, ConfigSpec
+from rocmoe.device import Device
+
+__all__ = ["Tuning", "TuneInputs", "run_tune", "table_entries"]
+
+
+@dataclass
+class TuneInputs:
+    """Inputs for one regime: ``launch(params, set_index)`` runs the kernel on
+    input set ``set_index``; ``check(params)`` runs on set 0 and says whether
+    the result matches the reference."""
+
+    num_sets: int
+    launch: Callable[[Any, int], None]
+    check: Callable[[Any], bool]
+
+
+@dataclass
+class Tuning:
+    spec: ConfigSpec
+    regimes: Callable[[], list[dict[str, int]]]
+    candidates: Callable[[dict[str, int], Device], list[Any]]
+    make_inputs: Callable[[dict[str, int], torch.device, torch.Generator], TuneInputs]
+    #: the regime key whose buckets the table splits on; others are matched exactly
+    split_key: str
+
+
+def _time(inputs: TuneInputs, params: Any, device: torch.device) -> float:
+    from rocmoe.bench.timing import time_graph, time_host
+
+    calls = [lambda i=i: inputs.launch(params, i) for i in range(inputs.num_sets)]
+    if device.type == "cuda":
+        return time_graph(calls, device, reps=10)
+    return time_host(calls[0], device, reps=3, budget_s=0.5)
+
+
+def table_entries(split_key: str, winners: Sequence[tuple[dict[str, int], Any]]) -> list[dict[str, Any]]:
+    """Turn measured (regime, params) winners into table entries: the split key
+    gets geometric-midpoint buckets between measured points, other keys exact."""
+    groups: dict[tuple, list[tuple[dict[str, int], Any]]] = {}
+    for regime, params in winners:
+        rest = tuple(sorted((k, v) for k, v in regime.items() if k != split_key))
+        groups.setdefault(rest, []).append((regime, params))
+    entries = []
+    for rest, items in groups.items():
+        items.sort(key=lambda item: item[0][split_key])
+        points = [r[split_key] for r, _ in items]
+        for i, (regime, params) in enumerate(items):
+            lo = 1 if i == 0 else math.floor(math.sqrt(points[i - 1] * points[i])) + 1
+            hi = None if i == len(items) - 1 else math.floor(math.sqrt(points[i] * points[i + 1]))
+            when = {split_key: [lo, hi], **{k: [v, v] for k, v in rest}}
+            entries.append({"when": when, "config": dataclasses.asdict(params)})
+    return entries
+
+
+def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, budget_s: float = 600.0,
+             regimes: list[dict[str, int]] | None = None, command: str = "rocmoe tune",
+             progress: bool = True, seed: int = 0) -> Path:
+    """Sweep, pick, write the table; returns its path."""
+    desc = Device.for_torch_device(device)
+    spec = tuning.spec
+    out = Path(out) if out else PACKAGE_DIR / spec.op / f"{desc.arch}.json"
+    partial_path = out.with_name(out.name + ".partial.json")
+    state: dict[str, Any] = {"measured": {}}
+    if partial_path.exists():
+        state = json.loads(partial_path.read_text())
+    regimes = regimes or tuning.regimes()
+    jobs = [(r, c) for r in regimes for c in tuning.candidates(r, desc)]
+    started = time.monotonic()
+    progress_cm = None
+    if progress:
+        from rich.progress import Progress
+
+        progress_cm = Progress(transient=False)
+        task = progress_cm.add_task(f"tuning {spec.op} on {desc.arch}", total=len(jobs))
+        progress_cm.start()
+    try:
+        current_regime, inputs = None, None
+        measured_now = 0
+        for regime, params in jobs:
+            key = json.dumps([regime, dataclasses.asdict(params)], sort_keys=True)
+            if key in state["measured"]:
+                if progress_cm:
+                    progress_cm.advance(task)
+                continue
+            if measured_now and time.monotonic() - started > budget_s:
+                break  # always measure one, so a resumed run makes progress
+            measured_now += 1
+            if regime != current_regime:
+                gen = torch.Generator().manual_seed(seed)
+                current_regime, inputs = regime, tuning.make_inputs(regime, device, gen)
+            try:
+                ok = inputs.check(params)
+                seconds = _time(inputs, params, device) if ok else None
+                state["measured"][key] = {"seconds": seconds, "error": None if ok else "wrong result"}
+            except Exception as exc:  # a candidate that fails to compile or launch is just not chosen
+                state["measured"][key] = {"seconds": None, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            partial_path.parent.mkdir(parents=True, exist_ok=True)
+            partial_path.write_text(json.dumps(state))
+            if progress_cm:
+                progress_cm.advance(task)
+    finally:
+        if progress_cm:
+            progress_cm.stop()
+
+    winners = []
+    for regime in regimes:
+        best = None
+        for params in tuning.candidates(regime, desc):
+            m = state["measured"].get(json.dumps([regime, dataclasses.asdict(params)], sort_keys=True))
+            if m and m["seconds"] is not None and (best is None or m["seconds"] < best[1]):
+                best = (params, m["seconds"])
+        if best is not None:
+            winners.append((regime, best[0]))
+    if not winners:
+        raise RuntimeError(f"no candidate of {spec.op} was measured successfully on {desc.arch}")
+    import rocmoe
+
+    table = {
+        "schema_version": SCHEMA_VERSION,
+        "op": spec.op,
+        "arch": desc.arch,
+        "provenance": {
+            "source": "measured",
+            "device": desc.name,
+            "date": datetime.date.today().isoformat(),
+            "command": command,
+            "versions": {"rocmoe": rocmoe.__version__, "torch": torch.__version__,
+                         "triton": _triton_version()},
+            "regimes_measured": len(winners),
+            "regimes_planned": len(regimes),
+        },
+        "keys": list(spec.regime_keys),
+        "entries": table_entries(tuning.split_key, winners),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=2) + "\n")
+    if len(winners) == len(regimes):
+        partial_path.unlink(missing_ok=True)
+    spec.forget()
+    return out
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None

@@ -1,0 +1,71 @@
+"""build-check: metadata parsing (pure) and a real ahead-of-time compile."""
+
+from __future__ import annotations
+
+import pytest
+
+from rocmoe import build_check
+from rocmoe.build_check import BuildResult, KernelBuild, _check_amd
+
+GCN = """
+    .group_segment_fixed_size: 70000
+    .private_segment_fixed_size: 16
+    .sgpr_count:     60
+    .sgpr_spill_count: 0
+    .vgpr_count:     256
+    .vgpr_spill_count: 12
+    - .agpr_count:     0
+; Occupancy: 2
+    v_mfma_f32_32x32x8_bf16 a[0:15], v[2:3], v[4:5], 0
+"""
+
+
+def test_amd_metadata_is_read_and_judged():
+    r = BuildResult("op", "k", "cfg", "gfx942", ok=False)
+    _check_amd(r, GCN, 64 * 1024)
+    assert (r.registers, r.sgprs, r.agprs, r.spills, r.scratch_bytes, r.shared_bytes, r.occupancy) == (
+        256, 60, 0, 12, 16, 70000, 2)
+    assert r.matrix_instructions == ["v_mfma_f32_32x32x8_bf16"]
+    assert r.problems == ["LDS 70000 B > 65536 B"]
+
+
+def test_unknown_arch_is_rejected():
+    with pytest.raises(ValueError, match="build-check targets are gfx942, gfx950, sm90, sm100"):
+        build_check.run(["gfx908"])
+
+
+def test_routing_variants_cover_benchmarks_and_extremes():
+    labels = [b.label for b in build_check.collect_variants("gfx942", ["gemma4_routing"])]
+    assert any("E=1024" in label for label in labels) and any("bf16" in label for label in labels)
+    assert len(labels) == len(set(labels))
+
+
+def test_real_compile_for_gfx942_and_sm90():
+    first = build_check.collect_variants("gfx942", ["gemma4_routing"])[0].label
+    results = build_check.run(["gfx942", "sm90"], ["gemma4_routing"], jobs=2, progress=False,
+                              select=lambda b: b.label == first)
+    assert [r.arch for r in results] == ["gfx942", "sm90"]
+    for r in results:
+        assert r.ok, r.problems
+        assert r.registers and r.registers > 0 and r.spills == 0
+
+
+def _compile_bad_build(arch):
+    import os
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    bad = KernelBuild(op="gemma4_routing",
+                      kernel="rocmoe.backends.triton._gemma4_routing_kernel:gemma4_routing_kernel",
+                      signature=(("logits_ptr", "*fp32"),), constexprs=(), options=(("num_warps", 4),),
+                      label="missing arguments")
+    return build_check.compile_one(bad, arch)
+
+
+def test_compile_errors_are_reported_not_raised():
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=build_check._worker_init) as pool:
+        result = pool.submit(_compile_bad_build, "sm90").result()
+    assert not result.ok and result.problems[0].startswith("compile error")

@@ -1,0 +1,73 @@
+"""rocmoe tune: sweep -> table file -> loader -> the chosen config (interpreter on CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from rocmoe import configs
+from rocmoe.backends.triton.gemma4_routing import SPEC, TUNING, RoutingConfig
+from rocmoe.device import Device
+from rocmoe.tune import Tuning, run_tune, table_entries
+
+
+def test_table_entries_split_on_geometric_midpoints():
+    winners = [({"tokens": 1, "experts": 128}, RoutingConfig(1, 1)),
+               ({"tokens": 16, "experts": 128}, RoutingConfig(2, 1)),
+               ({"tokens": 1024, "experts": 128}, RoutingConfig(8, 4, 1))]
+    entries = table_entries("tokens", winners)
+    assert [e["when"]["tokens"] for e in entries] == [[1, 4], [5, 128], [129, None]]
+    assert all(e["when"]["experts"] == [128, 128] for e in entries)
+    assert entries[2]["config"] == {"BLOCK_T": 8, "num_warps": 4, "METHOD": 1}
+
+
+def test_round_trip_tune_file_loader_choice(tmp_path, monkeypatch, kernel_device):
+    arch = Device.for_torch_device(kernel_device).arch
+    out = tmp_path / "gemma4_routing" / f"{arch}.json"
+    # A narrow sweep keeps the interpreter fast; the winner must be one of these.
+    small = [RoutingConfig(1, 1, 0), RoutingConfig(2, 1, 1)]
+    tuning = Tuning(TUNING.spec, TUNING.regimes, lambda regime, device: small, TUNING.make_inputs, "tokens")
+    path = run_tune(tuning, kernel_device, out=out, regimes=[{"tokens": 4, "experts": 128}], progress=False)
+    table = json.loads(path.read_text())
+    assert table["provenance"]["source"] == "measured" and table["arch"] == arch
+    winner = RoutingConfig(**table["entries"][0]["config"])
+    assert winner in small
+    monkeypatch.setattr(configs, "_USER_DIR", str(tmp_path))
+    SPEC.forget()
+    try:
+        params, source = SPEC.choose(Device.for_torch_device(kernel_device), tokens=3, experts=128)
+        assert params == winner and str(path) in source
+        # outside the measured experts the heuristic answers
+        assert SPEC.choose(Device.for_torch_device(kernel_device), tokens=3, experts=64)[1].startswith("heuristic")
+    finally:
+        SPEC.forget()
+    assert not out.with_name(out.name + ".partial.json").exists()
+
+
+def test_interrupted_tune_resumes(tmp_path, kernel_device):
+    arch = Device.for_torch_device(kernel_device).arch
+    out = tmp_path / "gemma4_routing" / f"{arch}.json"
+    calls = []
+
+    def make_inputs(regime, device, gen):
+        inputs = TUNING.make_inputs(regime, device, gen)
+        original = inputs.check
+
+        def counting(params):
+            calls.append(params)
+            return original(params)
+
+        inputs.check = counting
+        return inputs
+
+    cands = [RoutingConfig(1, 1, 0), RoutingConfig(2, 2, 0)]
+    tuning = Tuning(TUNING.spec, TUNING.regimes, lambda r, d: cands, make_inputs, "tokens")
+    regimes = [{"tokens": 2, "experts": 64}, {"tokens": 8, "experts": 64}]
+    run_tune(tuning, kernel_device, out=out, regimes=regimes, budget_s=0.0, progress=False)  # stops at once
+    partial = out.with_name(out.name + ".partial.json")
+    assert partial.exists() and len(json.loads(partial.read_text())["measured"]) == 1
+    run_tune(tuning, kernel_device, out=out, regimes=regimes, progress=False)
+    assert len(calls) == 4  # the one measured before was not measured again
+    assert not partial.exists()
+    assert len(json.loads(out.read_text())["entries"]) == 2

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What the lent GPU machine runs, from the repository root with dist/ carried:
-#   bash ci/gpu_check.sh tests      GPU tests (Triton kernels compiled), compute-sanitizer memcheck
+#   bash ci/gpu_check.sh tests [PATHS]  the test suite with GPU tests (Triton kernels compiled), then
+#                                   compute-sanitizer memcheck over the Triton kernels
 #   bash ci/gpu_check.sh tune OP    rocmoe tune for OP, table written under $OUT/configs/
 #   bash ci/gpu_check.sh bench ARGS rocmoe bench ARGS, JSON/markdown/plot under $OUT
 # The wheel is installed with --no-deps into the machine's python (torch is there)
@@ -19,7 +20,7 @@ case "$what" in
   tests)
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
     rocmoe info | tee "$OUT/info.txt"
-    python3 -m pytest tests -p no:cacheprovider -q -m "gpu or not (rocm or xpu or slow)" \
+    python3 -m pytest "${@:-tests}" -p no:cacheprovider -q -m "gpu or not (rocm or xpu or slow)" \
       --ignore=tests/test_packaging.py --ignore=tests/test_readme.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
     echo "== compute-sanitizer memcheck over the Triton routing kernel"
     compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest tests/test_triton_gemma4_routing.py \

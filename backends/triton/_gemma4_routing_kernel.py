@@ -53,13 +53,15 @@ def gemma4_routing_kernel(
     col_ok = cols < num_experts
     x = tl.load(logits_ptr + rows[:, None] * row_stride + cols[None, :],
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    # Loaded now, beside the logits, so no dependent memory round trip follows the selection.
+    scale_row = tl.load(scale_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
 
     high = _order_preserving_bits(x).to(tl.int64) << 32
     keys = high | (0xFFFF - cols).to(tl.int64)[None, :]
     keys = tl.where(col_ok[None, :], keys, _EMPTY_KEY)
 
     slots = tl.arange(0, BLOCK_K)
-    if METHOD == 0:
+    if METHOD == 0 or BLOCK_K == 1:  # (Triton 3.6's top-k cannot return a single column)
         top = tl.full([BLOCK_T, BLOCK_K], _EMPTY_KEY, tl.int64)
         for j in tl.static_range(TOPK):
             best = tl.max(keys, axis=1)
@@ -77,7 +79,9 @@ def gemma4_routing_kernel(
     peak = tl.max(values, axis=1)
     e = tl.where(slot_ok[None, :], tl.exp(values - peak[:, None]), 0.0)
     weights = e / tl.sum(e, axis=1)[:, None]
-    scale = tl.load(scale_ptr + ids, mask=out_ok, other=0.0).to(tl.float32)
+    # Unused slots (K < BLOCK_K) hold the empty key, whose id is out of range.
+    gather_ids = tl.where(slot_ok[None, :], ids, 0)
+    scale = tl.gather(tl.broadcast_to(scale_row[None, :], [BLOCK_T, BLOCK_E]), gather_ids, axis=1)
     out = rows[:, None] * TOPK + slots[None, :]
     tl.store(weights_ptr + out, weights * scale, mask=out_ok)
     tl.store(ids_ptr + out, ids, mask=out_ok)

@@ -104,9 +104,11 @@ def build_variants(arch: str):
 
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[RoutingConfig]:
     block_e = next_power_of_2(regime["experts"])
+    # Taller tiles than this leave compute units idle; no point measuring them.
+    tallest = next_power_of_2(max(1, -(-regime["tokens"] // device.limits.compute_units)))
     cands = []
     for block_t in (1, 2, 4, 8, 16, 32, 64):
-        if block_t > next_power_of_2(regime["tokens"]) or block_t * block_e > 16384:
+        if block_t > max(4, tallest) or block_t * block_e > 16384:
             continue
         for warps in (1, 2, 4, 8):
             if warps * device.limits.warp_size > block_t * block_e:

@@ -57,7 +57,9 @@ class BenchCase:
     bytes_moved: Callable[[Inputs], int]
     flops: Callable[[Inputs], int]
     check: Callable[[Inputs, Inputs], Check]
-    reference: Callable[[Inputs], Any] | None = None
+    #: the plain torch function eager/compile comparisons time, and its arguments
+    reference: Callable[..., Any] | None = None
+    reference_args: Callable[[Inputs], tuple] | None = None
     compilable: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -185,7 +187,8 @@ def _routing_case(tokens: int, dtype: torch.dtype, experts: int = 128, topk: int
         make_inputs=make_inputs, make_outputs=make_outputs, run=run,
         problem=lambda inp: routing_op.problem_of(inp["logits"], topk, inp["scale"]),
         bytes_moved=lambda inp: routing_bytes(tokens, experts, topk, elem), flops=lambda inp: 0,
-        check=check, reference=lambda inp: gemma4_routing_torch(inp["logits"], topk, inp["scale"]),
+        check=check, reference=gemma4_routing_torch,
+        reference_args=lambda inp: (inp["logits"], topk, inp["scale"]),
     )
 
 
@@ -306,10 +309,6 @@ def _mla_case(model_name: str, heads: int, tokens: int, block_size: int = 64) ->
         ok = torch.allclose(got, ref_out, atol=2e-2, rtol=2e-2) and err <= 5e-3 and lse_err <= 1e-3
         return Check(ok, f"rel-L2 {err:.1e}, max|dlse| {lse_err:.1e}")
 
-    def reference(inp):
-        return sparse_mla_decode_torch(inp["q"], inp["cache"], inp["indices"], scale, d_v,
-                                       extra_kv_cache=inp.get("extra_cache"), extra_indices=inp.get("extra_indices"))
-
     extra_label = f"+{m.extra}" if m.extra else ""
     return BenchCase(
         op="sparse_mla_decode", model=model_name,
@@ -321,7 +320,10 @@ def _mla_case(model_name: str, heads: int, tokens: int, block_size: int = 64) ->
                                               inp.get("extra_cache"), inp.get("extra_indices")),
         bytes_moved=lambda inp: mla_bytes(tokens, heads, keys, m.dim, d_v),
         flops=lambda inp: mla_flops(tokens, heads, keys, m.dim, d_v),
-        check=check, reference=reference, extra={"heads": heads},
+        check=check, reference=sparse_mla_decode_torch,
+        reference_args=lambda inp: (inp["q"], inp["cache"], inp["indices"], scale, d_v, None, None,
+                                    inp.get("extra_cache"), inp.get("extra_indices")),
+        extra={"heads": heads},
     )
 
 
@@ -349,22 +351,27 @@ def _topk_case(tokens: int, width: int | None, topk: int = 2048) -> BenchCase:
         same = all(set(got[t].tolist()) == set(ref[t].tolist()) for t in range(tokens))
         return Check(same, "index sets equal" if same else "index sets DIFFER")
 
-    def reference(inp):
-        if inp["logits"] is None:
-            return sparse_topk_torch(None, inp["lens"], topk, max_seq_len=topk)
-        # What a user would write without rocmoe: topk over the masked window.
-        cols = torch.arange(width, device=inp["lens"].device)
-        masked = inp["logits"].masked_fill(cols >= inp["lens"][:, None], float("-inf"))
-        return torch.topk(masked, topk, dim=1).indices
-
     label = f"T={tokens} short-circuit topk={topk}" if width is None else f"T={tokens} L={width} topk={topk}"
     return BenchCase(
         op="sparse_topk", model="dsv32", label=label, size=width or 0, dtype="fp32",
         set_bytes=topk_bytes(tokens, width, topk), make_inputs=make_inputs, make_outputs=make_outputs, run=run,
         problem=lambda inp: topk_op.problem_of(inp["logits"], topk, None),
         bytes_moved=lambda inp: topk_bytes(tokens, width, topk), flops=lambda inp: 0,
-        check=check, reference=reference,
+        check=check, reference=_window_topk if width is None else _masked_topk,
+        reference_args=lambda inp: (inp["lens"], topk) if width is None else (inp["logits"], inp["lens"], topk),
     )
+
+
+def _masked_topk(logits: torch.Tensor, lens: torch.Tensor, topk: int) -> torch.Tensor:
+    """What a user writes without rocmoe: torch.topk over the masked window."""
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    return torch.topk(logits.masked_fill(cols >= lens[:, None], float("-inf")), topk, dim=1).indices
+
+
+def _window_topk(lens: torch.Tensor, topk: int) -> torch.Tensor:
+    """The short-circuit written in torch: 0..len-1 then -1."""
+    slots = torch.arange(topk, device=lens.device)
+    return torch.where(slots < lens[:, None], slots, -1)
 
 
 def cases_for(op: str, model: str | None = None) -> list[BenchCase]:

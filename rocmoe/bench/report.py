@@ -26,7 +26,8 @@ def _ceilings_line(result: dict[str, Any]) -> str:
     if not c:
         return f"{dev['name']}: no ceilings (GPU numbers need a GPU; these are CPU timings)"
     return (f"{dev['name']} ({dev['arch']}): copy {c['copy_bytes_per_s'] / 1e9:.0f} GB/s (read+write), "
-            f"bf16 matmul {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, measured in this run")
+            f"bf16 matmul {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, minimal kernel under graph replay "
+            f"{c.get('launch_floor_s', 0) * 1e6:.2f} µs, measured in this run")
 
 
 COLUMNS = ("op", "model", "shape", "backend", "graph µs", "events µs", "GB/s", "% copy", "TFLOP/s", "% peak",

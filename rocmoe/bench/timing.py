@@ -91,10 +91,13 @@ class Ceilings:
 
     copy_bytes_per_s: float
     bf16_flops_per_s: float
+    #: one minimal kernel (a 1-element add) under CUDA-graph replay: what any launch costs
+    launch_floor_s: float
 
 
 def measure_ceilings(device: torch.device) -> Ceilings:
-    """A 1 GiB device-to-device copy and an 8192^3 bf16 matmul on random data."""
+    """A 1 GiB device-to-device copy, an 8192^3 bf16 matmul on random data, and
+    the graph-replay time of a minimal kernel."""
     n = 1 << 28  # fp32 elements = 1 GiB
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
@@ -105,4 +108,7 @@ def measure_ceilings(device: torch.device) -> Ceilings:
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     out = torch.empty(m, m, device=device, dtype=torch.bfloat16)
     mm_s = time_events([lambda: torch.matmul(a, b, out=out)], device, reps=20, warmup=3)
-    return Ceilings(copy_bytes_per_s=2 * n * 4 / copy_s, bf16_flops_per_s=2 * m**3 / mm_s)
+    del a, b, out
+    tiny = [torch.rand(1, device=device) for _ in range(3)]
+    floor_s = time_graph([lambda: torch.add(tiny[0], tiny[1], out=tiny[2])], device, calls_per_graph=100)
+    return Ceilings(copy_bytes_per_s=2 * n * 4 / copy_s, bf16_flops_per_s=2 * m**3 / mm_s, launch_floor_s=floor_s)

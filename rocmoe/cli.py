@@ -86,10 +86,18 @@ def _full_bench(args: argparse.Namespace) -> int:
                              f"valid: {', '.join(sorted(known))}")
         backends = [b.strip() for b in args.backend.split(",")] if args.backend else None
         device = _device_arg(args.device)
+        command = "rocmoe bench " + " ".join(sys.argv[2:])
+
+        def checkpoint(partial: dict) -> None:
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({**partial, "command": command, "complete": False}, f, indent=2)
+
         result = run_bench(device, ops=ops, models=args.model, backends=backends, compare=modes,
                            seed=args.seed, sizes=args.size,
-                           progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
-        result["command"] = "rocmoe bench " + " ".join(sys.argv[2:])
+                           progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True), checkpoint=checkpoint)
+        result["command"] = command
+        result["complete"] = True
     report.render_table(result)
     if args.json:
         with open(args.json, "w") as f:

@@ -103,16 +103,24 @@ def _row(case: BenchCase, inputs, backend: str, times, ceilings: Ceilings | None
 
 def run_bench(device: torch.device, *, ops: list[str], models: list[str] | None = None,
               backends: list[str] | None = None, compare: list[str] | None = None, seed: int = 0,
-              sizes: list[int] | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              sizes: list[int] | None = None, progress: Callable[[str], None] | None = None,
+              checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run every case of ``ops`` (and ``models``, ``sizes``) on ``device``.
 
     For each case: build rotating input sets, run each backend once and check
     it against the fp64 reference, then time it under CUDA-graph replay (when
     capturable) and with per-call events. ``compare`` adds the plain torch
-    reference eagerly and under torch.compile.
+    reference eagerly and under torch.compile. ``checkpoint`` receives the
+    result so far after every case (a long run that is cut off keeps its rows).
     """
     desc = Device.for_torch_device(device)
     ceilings = measure_ceilings(device) if device.type == "cuda" else None
+    env = environment(device)
+
+    def result() -> dict[str, Any]:
+        return {"environment": env, "ceilings": None if ceilings is None else asdict(ceilings),
+                "rows": [asdict(r) for r in rows]}
+
     rows: list[BenchRow] = []
     compiled: dict[tuple[Callable, str], Callable] = {}  # one per function and mode: dynamo's own
     torch._dynamo.reset()                                  # shape handling applies, as in an engine
@@ -159,6 +167,6 @@ def run_bench(device: torch.device, *, ops: list[str], models: list[str] | None 
             del sets, outs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return {"environment": environment(device),
-            "ceilings": None if ceilings is None else asdict(ceilings),
-            "rows": [asdict(r) for r in rows]}
+            if checkpoint:
+                checkpoint(result())
+    return result()

@@ -104,7 +104,8 @@ def _full_bench(args: argparse.Namespace) -> int:
             json.dump(result, f, indent=2)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(report.markdown(result, result.get("command", "rocmoe bench")))
+            render = report.summary_markdown if args.summary else report.markdown
+            f.write(render(result, result.get("command", "rocmoe bench")))
     if args.plot:
         report.plot(result, args.plot)
     return 0 if all(r["check_ok"] is not False for r in result["rows"]) else 1
@@ -151,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--markdown", metavar="FILE", help="also write a markdown table (for the README)")
+    bench.add_argument("--summary", action="store_true",
+                       help="markdown as one row per shape, backends as columns, with speed-up ratios")
     bench.add_argument("--plot", metavar="FILE", help="also draw time vs size with the roofline (PNG)")
     bench.add_argument("--load", metavar="JSON", help="re-render a saved result instead of running")
     bench.set_defaults(fn=_cmd_bench)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["render_table", "markdown", "plot"]
+__all__ = ["render_table", "markdown", "summary_markdown", "plot"]
 
 
 def _us(seconds: float | None) -> str:
@@ -70,9 +70,39 @@ def markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_markdown(result: dict[str, Any], command: str, baseline: str = "triton") -> str:
+    """One row per shape, backends as columns (best of graph/event time, µs),
+    the speed-up of ``baseline`` over each other backend, and its fraction of
+    copy bandwidth and bf16 peak - all from the same run."""
+    env = result["environment"]
+    shapes: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    for r in result["rows"]:
+        t = r["graph_s"] if r["graph_s"] is not None else r["events_s"]
+        if t is not None:
+            shapes.setdefault((r["op"], r["model"], r["shape"]), {})[r["backend"]] = {**r, "t": t}
+    backends = sorted({b for per in shapes.values() for b in per}, key=lambda b: (b != baseline, b))
+    others = [b for b in backends if b != baseline]
+    head = (["op", "shape"] + [f"{b} µs" for b in backends] + [f"{baseline} vs {b}" for b in others]
+            + ["% copy BW", "% bf16 peak", "check"])
+    lines = [f"Measured with `{command}`", "",
+             f"{_ceilings_line(result)}; torch {env['versions']['torch']}, triton {env['versions']['triton']}, "
+             f"rocmoe {env['versions']['rocmoe']}. Times are CUDA-graph replay medians where the backend can be "
+             f"captured (per-call events otherwise).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (op, _, shape), per in shapes.items():
+        base = per.get(baseline)
+        cells = [op, shape] + [_us(per[b]["t"]) if b in per else "-" for b in backends]
+        cells += [f"{per[b]['t'] / base['t']:.1f}x" if base and b in per else "-" for b in others]
+        cells += [_pct(base["frac_copy_bw"]) if base else "-", _pct(base["frac_bf16_peak"]) if base else "-",
+                  ("ok" if base["check_ok"] else "FAIL") if base and base["check_ok"] is not None else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict[str, Any], path: str) -> None:
     """Time vs size per backend, one panel per (op, model, dtype), with the
-    roofline time (bytes at copy bandwidth, FLOPs at bf16 peak) drawn."""
+    roofline time (bytes at copy bandwidth, FLOPs at bf16 peak, never below
+    the launch floor) drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,7 +125,8 @@ def plot(result: dict[str, Any], path: str) -> None:
             t = r["graph_s"] or r["events_s"]
             by_backend.setdefault(r["backend"], []).append((r["size"], t * 1e6))
             if c:
-                roof[r["size"]] = max(r["bytes"] / c["copy_bytes_per_s"], r["flops"] / c["bf16_flops_per_s"]) * 1e6
+                roof[r["size"]] = max(r["bytes"] / c["copy_bytes_per_s"], r["flops"] / c["bf16_flops_per_s"],
+                                      c.get("launch_floor_s", 0.0)) * 1e6
         for backend, points in sorted(by_backend.items()):
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backend)

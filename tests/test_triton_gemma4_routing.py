@@ -51,18 +51,42 @@ def test_public_op_matches_reference(kernel_device, gen, tokens, experts, topks)
             _check(logits, topk, scale, *_run(logits, topk, scale))
 
 
-@pytest.mark.parametrize("method", [0, 1])
+@pytest.mark.parametrize("method, key_bits", [(0, 64), (1, 64), (0, 32), (1, 32)])
 @pytest.mark.parametrize("block_t, warps", [(1, 1), (4, 2), (16, 4)])
-def test_every_launch_config(kernel_device, gen, method, block_t, warps):
-    logits = torch.randn(37, 128, generator=gen).to(kernel_device)  # 37: a ragged last block
+def test_every_launch_config(kernel_device, gen, method, key_bits, block_t, warps):
     scale = (torch.rand(128, generator=gen) + 0.5).to(torch.bfloat16).to(kernel_device)
-    for topk in (1, 3, 8):
-        _check(logits, topk, scale, *_run(logits, topk, scale, RoutingConfig(block_t, warps, method)))
+    for dtype in (torch.float32, torch.float16):
+        logits = torch.randn(37, 128, generator=gen).to(dtype).to(kernel_device)  # 37: a ragged last block
+        for topk in (1, 3, 8):
+            config = RoutingConfig(block_t, warps, method, key_bits)
+            _check(logits, topk, scale, *_run(logits, topk, scale, config))
 
 
-@pytest.mark.parametrize("method", [0, 1])
+@pytest.mark.parametrize("block_t", [1, 4])
+def test_32_bit_keys_fall_back_on_fp32_near_ties(kernel_device, gen, block_t):
+    """Logits a few ulps apart share the high bits of a 32-bit key; only the
+    guard's fallback to 64-bit keys orders them right (exactly, by value)."""
+    logits = torch.randn(6, 128, generator=gen)
+    base = torch.tensor(5.0)
+    # experts 90, 40, 7, 3: exact order 90 > 40 > 7 > 3 although ids ascend the other way
+    for row in (0, 2, 5):
+        for rank, expert in enumerate((90, 40, 7, 3)):
+            value = base
+            for _ in range(4 - rank):
+                value = torch.nextafter(value, torch.tensor(10.0))
+            logits[row, expert] = value
+    # row 3: the near-tie straddles the K boundary (9th and 8th largest)
+    logits[3] = torch.linspace(-3, 3, 128)
+    logits[3, 0] = torch.nextafter(logits[3, 127 - 7], torch.tensor(10.0))  # beats the 8th by one ulp
+    scale = torch.rand(128, generator=gen) + 0.5
+    w, ids = _run(logits.to(kernel_device), 8, scale.to(kernel_device), RoutingConfig(block_t, 1, 0, 32))
+    _check(logits, 8, scale, w, ids)
+    assert ids[0, :4].tolist() == [90, 40, 7, 3]
+
+
+@pytest.mark.parametrize("method, key_bits", [(0, 64), (1, 64), (0, 32)])
 @pytest.mark.parametrize("case", ["many_ties", "all_equal", "signed_zeros", "neg_inf", "pos_inf", "huge"])
-def test_adversarial_rows(kernel_device, gen, method, case):
+def test_adversarial_rows(kernel_device, gen, method, key_bits, case):
     experts, topk = 64, 8
     if case == "many_ties":
         logits = torch.randint(-2, 3, (16, experts), generator=gen).float()
@@ -83,7 +107,8 @@ def test_adversarial_rows(kernel_device, gen, method, case):
         logits = torch.randn(8, experts, generator=gen) * 1e30
     scale = torch.rand(experts, generator=gen) + 0.5
     nan_expected = case in ("pos_inf", "neg_inf")
-    w, ids = _run(logits.to(kernel_device), topk, scale.to(kernel_device), RoutingConfig(4, 2, method), nan_expected)
+    w, ids = _run(logits.to(kernel_device), topk, scale.to(kernel_device), RoutingConfig(4, 2, method, key_bits),
+                  nan_expected)
     _check(logits, topk, scale, w, ids, equal_nan=nan_expected)
 
 
@@ -91,9 +116,9 @@ def test_nan_rows_keep_valid_distinct_ids(kernel_device, gen):
     logits = torch.randn(6, 128, generator=gen)
     logits[2, 17] = float("nan")
     logits[4] = float("nan")
-    for method in (0, 1):
+    for method, key_bits in ((0, 64), (1, 64), (0, 32)):
         w, ids = _run(logits.to(kernel_device), 8, torch.ones(128, device=kernel_device),
-                      RoutingConfig(2, 1, method), nan_expected=True)
+                      RoutingConfig(2, 1, method, key_bits), nan_expected=True)
         assert ((ids >= 0) & (ids < 128)).all()
         assert all(len(set(row)) == 8 for row in ids.tolist())
         clean = [0, 1, 3, 5]

@@ -19,7 +19,7 @@ def test_table_entries_split_on_geometric_midpoints():
     entries = table_entries("tokens", winners)
     assert [e["when"]["tokens"] for e in entries] == [[1, 4], [5, 128], [129, None]]
     assert all(e["when"]["experts"] == [128, 128] for e in entries)
-    assert entries[2]["config"] == {"BLOCK_T": 8, "num_warps": 4, "METHOD": 1}
+    assert entries[2]["config"] == {"BLOCK_T": 8, "num_warps": 4, "METHOD": 1, "KEY_BITS": 32}
 
 
 def test_round_trip_tune_file_loader_choice(tmp_path, monkeypatch, kernel_device):

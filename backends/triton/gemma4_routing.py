@@ -20,11 +20,13 @@ MAX_EXPERTS = 1024  # the low half of a key holds 0xFFFF - expert; registers bou
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """BLOCK_T tokens per program; METHOD 0 = K max-reductions, 1 = bitonic top-k."""
+    """BLOCK_T tokens per program; METHOD 0 = K max-reductions, 1 = bitonic
+    top-k; KEY_BITS 32 (exact via the near-tie guard) or 64."""
 
     BLOCK_T: int
     num_warps: int
     METHOD: int = 0
+    KEY_BITS: int = 32
 
 
 def _elements_per_program(target: int, experts: int) -> int:
@@ -36,8 +38,8 @@ def _heuristic(warp_size: int):
         tokens, experts = regime["tokens"], regime["experts"]
         if tokens <= 256:
             # Latency regime: one token per program keeps every SM busy early.
-            return RoutingConfig(1, 1 if experts * 32 <= 128 * warp_size else 4, 0)
-        return RoutingConfig(_elements_per_program(1024, experts), 4, 0)
+            return RoutingConfig(1, 1 if experts * 32 <= 128 * warp_size else 4, 0, 32)
+        return RoutingConfig(_elements_per_program(1024, experts), 4, 0, 32)
 
     return choose
 
@@ -61,13 +63,21 @@ def launch(gating_output: torch.Tensor, topk: int, per_expert_scale: torch.Tenso
     """Launch the kernel with an explicit config (the tuner and build-check use this)."""
     num_tokens, num_experts = gating_output.shape
     grid = (triton.cdiv(num_tokens, config.BLOCK_T),)
+    guard = _needs_guard(gating_output.dtype, config)
     with launch_device(gating_output):
         gemma4_routing_kernel[grid](
             gating_output, per_expert_scale, out_weights, out_ids,
             num_tokens, num_experts, gating_output.stride(0),
             TOPK=topk, BLOCK_T=config.BLOCK_T, BLOCK_E=next_power_of_2(num_experts),
-            BLOCK_K=next_power_of_2(topk), METHOD=config.METHOD, num_warps=config.num_warps,
+            BLOCK_K=next_power_of_2(topk + 1 if guard else topk), METHOD=config.METHOD,
+            KEY_BITS=config.KEY_BITS, GUARD=guard, num_warps=config.num_warps,
         )
+
+
+def _needs_guard(dtype: torch.dtype, config: RoutingConfig) -> bool:
+    """32-bit keys drop the low log2(E) bits of the fp32 image: zero for
+    bf16/fp16 logits (exact), possibly not for fp32 (guarded)."""
+    return config.KEY_BITS == 32 and dtype == torch.float32
 
 
 BENCH_TOKENS = (1, 16, 128, 1024, 8192, 65536, 262144)
@@ -88,6 +98,7 @@ def build_variants(arch: str):
     builds = []
     for experts, cfg in sorted(configs, key=repr):
         for dtype in ("fp32", "bf16"):
+            guard = _needs_guard(torch.float32 if dtype == "fp32" else torch.bfloat16, cfg)
             builds.append(KernelBuild(
                 op="gemma4_routing",
                 kernel="rocmoe.backends.triton._gemma4_routing_kernel:gemma4_routing_kernel",
@@ -95,9 +106,11 @@ def build_variants(arch: str):
                            ("ids_ptr", "*i32"), ("num_tokens", "i32"), ("num_experts", "i32"),
                            ("row_stride", "i32")),
                 constexprs=(("TOPK", 8), ("BLOCK_T", cfg.BLOCK_T), ("BLOCK_E", next_power_of_2(experts)),
-                            ("BLOCK_K", 8), ("METHOD", cfg.METHOD)),
+                            ("BLOCK_K", 16 if guard else 8), ("METHOD", cfg.METHOD), ("KEY_BITS", cfg.KEY_BITS),
+                            ("GUARD", guard)),
                 options=(("num_warps", cfg.num_warps),),
-                label=f"E={experts} K=8 {dtype} BLOCK_T={cfg.BLOCK_T} warps={cfg.num_warps} method={cfg.METHOD}",
+                label=(f"E={experts} K=8 {dtype} BLOCK_T={cfg.BLOCK_T} warps={cfg.num_warps} "
+                       f"method={cfg.METHOD} keys={cfg.KEY_BITS}"),
             ))
     return builds
 
@@ -113,7 +126,9 @@ def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[RoutingC
         for warps in (1, 2, 4, 8):
             if warps * device.limits.warp_size > block_t * block_e:
                 continue
-            cands += [RoutingConfig(block_t, warps, method) for method in (0, 1)]
+            # 32-bit keys on fp32 logits always take the max path (the guard needs K+1 keys).
+            cands += [RoutingConfig(block_t, warps, 0, 32)]
+            cands += [RoutingConfig(block_t, warps, method, 64) for method in (0, 1)]
     return cands
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -63,6 +64,8 @@ def launch(gating_output: torch.Tensor, topk: int, per_expert_scale: torch.Tenso
     """Launch the kernel with an explicit config (the tuner and build-check use this)."""
     num_tokens, num_experts = gating_output.shape
     grid = (triton.cdiv(num_tokens, config.BLOCK_T),)
+    if config.KEY_BITS == 32 and next_power_of_2(topk + 1) > next_power_of_2(num_experts):
+        config = dataclasses.replace(config, KEY_BITS=64)  # no K+1-th key to guard the boundary with
     guard = _needs_guard(gating_output.dtype, config)
     with launch_device(gating_output):
         gemma4_routing_kernel[grid](

@@ -124,3 +124,16 @@ def test_registered_specs_are_listed():
         assert spec in configs.specs()
     finally:
         configs._specs.pop(("toy_op", "main"))
+
+
+def test_every_shipped_table_loads_against_its_spec():
+    import importlib
+
+    shipped = sorted(configs.PACKAGE_DIR.glob("*/*.json"))
+    assert shipped, "no shipped tables found"
+    for path in shipped:
+        module = importlib.import_module(f"rocmoe.backends.triton.{path.parent.name}")
+        table = load_table(path, module.SPEC)
+        assert table.provenance["source"] in ("measured", "heuristic") and table.entries
+        if table.provenance["source"] == "measured":
+            assert table.provenance.get("device") and table.provenance.get("command")

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # README test command (tests/test_readme.py checks that the README shows this line):
-pip install -e ".[test]" && pytest
+pip install -e ".[cpu,test]" && pytest

@@ -21,7 +21,7 @@ from rocmoe.ops import mxfp4_moe as moe_op
 from rocmoe.ops import sparse_mla_decode as mla_op
 from rocmoe.ops import sparse_topk as topk_op
 
-__all__ = ["BenchCase", "Check", "MODELS", "cases_for", "routing_bytes", "moe_bytes", "moe_flops",
+__all__ = ["BenchCase", "Check", "MODELS", "cases_for", "routing_case", "moe_case", "mla_case", "topk_case", "routing_bytes", "moe_bytes", "moe_flops",
            "mla_bytes", "mla_flops", "topk_bytes", "random_mxfp4_weights"]
 
 Inputs = dict[str, Any]
@@ -155,7 +155,7 @@ def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
 # --------------------------------------------------------------------------
 # gemma4_routing
 
-def _routing_case(tokens: int, dtype: torch.dtype, experts: int = 128, topk: int = 8) -> BenchCase:
+def routing_case(tokens: int, dtype: torch.dtype, experts: int = 128, topk: int = 8) -> BenchCase:
     elem = torch.finfo(dtype).bits // 8
     name = str(dtype).removeprefix("torch.")
 
@@ -219,7 +219,7 @@ def _uniform_ids(tokens: int, experts: int, topk: int, gen: torch.Generator) -> 
     return torch.rand(tokens, experts, generator=gen).topk(topk, dim=1).indices.int()
 
 
-def _moe_case(model_name: str, tokens: int) -> BenchCase:
+def moe_case(model_name: str, tokens: int) -> BenchCase:
     m = MOE_MODELS[model_name]
 
     def make_inputs(device, gen):
@@ -264,7 +264,7 @@ def _moe_case(model_name: str, tokens: int) -> BenchCase:
 # --------------------------------------------------------------------------
 # sparse_mla_decode
 
-def _mla_case(model_name: str, heads: int, tokens: int, block_size: int = 64) -> BenchCase:
+def mla_case(model_name: str, heads: int, tokens: int, block_size: int = 64) -> BenchCase:
     m = MLA_MODELS[model_name]
     d_v = 512 if m.dim == 576 else 448
     keys = m.topk + m.extra
@@ -330,7 +330,7 @@ def _mla_case(model_name: str, heads: int, tokens: int, block_size: int = 64) ->
 # --------------------------------------------------------------------------
 # sparse_topk
 
-def _topk_case(tokens: int, width: int | None, topk: int = 2048) -> BenchCase:
+def topk_case(tokens: int, width: int | None, topk: int = 2048) -> BenchCase:
     def make_inputs(device, gen):
         if width is None:  # the short-circuit: every window fits in topk
             return {"logits": None, "lens": torch.randint(1, topk + 1, (tokens,), generator=gen).int().to(device)}
@@ -381,13 +381,13 @@ def cases_for(op: str, model: str | None = None) -> list[BenchCase]:
     if model is not None and model not in MODELS[op]:
         return []
     if op == "gemma4_routing":
-        return [_routing_case(t, d) for d in (torch.float32, torch.bfloat16) for t in ROUTING_TOKENS]
+        return [routing_case(t, d) for d in (torch.float32, torch.bfloat16) for t in ROUTING_TOKENS]
     if op == "mxfp4_moe":
         names = [model] if model else list(MOE_MODELS)
-        return [_moe_case(n, t) for n in names for t in MOE_TOKENS]
+        return [moe_case(n, t) for n in names for t in MOE_TOKENS]
     if op == "sparse_mla_decode":
         names = [model] if model else list(MLA_MODELS)
-        return [_mla_case(n, h, t) for n in names for h in MLA_MODELS[n].heads for t in MLA_TOKENS]
+        return [mla_case(n, h, t) for n in names for h in MLA_MODELS[n].heads for t in MLA_TOKENS]
     if op == "sparse_topk":
-        return [_topk_case(t, w) for t in (1, 64) for w in TOPK_WIDTHS] + [_topk_case(64, None)]
+        return [topk_case(t, w) for t in (1, 64) for w in TOPK_WIDTHS] + [topk_case(64, None)]
     raise ValueError(f"unknown op {op!r}")

@@ -100,6 +100,7 @@ def mxfp4_moe_torch(
     ids = local_expert_ids(topk_ids, expert_map, num_experts)
     flat = torch.where(ids >= 0, ids, num_experts).flatten()
     order = torch.argsort(flat, stable=True)
+    refuse_graph_capture(x, "of mxfp4_moe reads per-expert token counts on the host")
     counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
 
     inputs = x
@@ -144,7 +145,6 @@ class TorchMxfp4Moe(TorchOp):
 
     def run(self, x, weights, topk_weights, topk_ids, expert_map, activation, alpha, limit,
             apply_router_weight_on_input, out, workspace) -> None:
-        refuse_graph_capture(x, "of mxfp4_moe reads per-expert token counts on the host")
         contributions = None if workspace is None else workspace[: workspace.numel() // 4 * 4].view(torch.float32)
         result = mxfp4_moe_torch(x, self.prepare(weights), topk_weights, topk_ids, expert_map, activation,
                                  alpha, limit, apply_router_weight_on_input, contributions=contributions)

@@ -16,6 +16,7 @@ def window_applies(seq_lens: torch.Tensor, topk: int, seq_len_cap: int | None,
         return True
     if max_seq_len is not None:
         return max_seq_len <= topk
+    refuse_graph_capture(seq_lens, "of sparse_topk reads max(seq_lens) on the host unless max_seq_len is given")
     return int(seq_lens.max()) <= topk
 
 
@@ -74,9 +75,6 @@ class TorchSparseTopk(TorchOp):
         return problem.seq_len is None or problem.seq_len <= problem.topk
 
     def run(self, logits, seq_lens, topk, block_table, block_size, max_seq_len, out) -> None:
-        if max_seq_len is None and (logits is None or logits.shape[1] > topk):
-            refuse_graph_capture(seq_lens, "of sparse_topk reads max(seq_lens) on the host unless max_seq_len "
-                                           "is given")
         out.copy_(sparse_topk_torch(logits, seq_lens, topk, block_table, block_size, max_seq_len))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -64,23 +63,27 @@ def launch(gating_output: torch.Tensor, topk: int, per_expert_scale: torch.Tenso
     """Launch the kernel with an explicit config (the tuner and build-check use this)."""
     num_tokens, num_experts = gating_output.shape
     grid = (triton.cdiv(num_tokens, config.BLOCK_T),)
-    if config.KEY_BITS == 32 and next_power_of_2(topk + 1) > next_power_of_2(num_experts):
-        config = dataclasses.replace(config, KEY_BITS=64)  # no K+1-th key to guard the boundary with
-    guard = _needs_guard(gating_output.dtype, config)
     with launch_device(gating_output):
         gemma4_routing_kernel[grid](
             gating_output, per_expert_scale, out_weights, out_ids,
             num_tokens, num_experts, gating_output.stride(0),
-            TOPK=topk, BLOCK_T=config.BLOCK_T, BLOCK_E=next_power_of_2(num_experts),
-            BLOCK_K=next_power_of_2(topk + 1 if guard else topk), METHOD=config.METHOD,
-            KEY_BITS=config.KEY_BITS, GUARD=guard, num_warps=config.num_warps,
+            TOPK=topk, BLOCK_T=config.BLOCK_T, METHOD=config.METHOD, num_warps=config.num_warps,
+            **_key_layout(gating_output.dtype, config, topk, num_experts),
         )
 
 
-def _needs_guard(dtype: torch.dtype, config: RoutingConfig) -> bool:
-    """32-bit keys drop the low log2(E) bits of the fp32 image: zero for
-    bf16/fp16 logits (exact), possibly not for fp32 (guarded)."""
-    return config.KEY_BITS == 32 and dtype == torch.float32
+def _key_layout(dtype: torch.dtype, config: RoutingConfig, topk: int, experts: int) -> dict[str, int | bool]:
+    """The kernel's key constexprs. 32-bit keys drop the low log2(E) bits of
+    the fp32 image: zero for bf16/fp16 logits (exact), possibly not for fp32,
+    which is guarded with a K+1-th key - and when K+1 exceeds the row there is
+    no boundary to guard, so 64-bit keys are used instead."""
+    block_e = next_power_of_2(experts)
+    key_bits = config.KEY_BITS
+    if key_bits == 32 and next_power_of_2(topk + 1) > block_e:
+        key_bits = 64
+    guard = key_bits == 32 and dtype == torch.float32
+    return {"BLOCK_E": block_e, "BLOCK_K": next_power_of_2(topk + 1 if guard else topk), "KEY_BITS": key_bits,
+            "GUARD": guard}
 
 
 BENCH_TOKENS = (1, 16, 128, 1024, 8192, 65536, 262144)
@@ -101,19 +104,17 @@ def build_variants(arch: str):
     builds = []
     for experts, cfg in sorted(configs, key=repr):
         for dtype in ("fp32", "bf16"):
-            guard = _needs_guard(torch.float32 if dtype == "fp32" else torch.bfloat16, cfg)
+            keys = _key_layout(torch.float32 if dtype == "fp32" else torch.bfloat16, cfg, 8, experts)
             builds.append(KernelBuild(
                 op="gemma4_routing",
                 kernel="rocmoe.backends.triton._gemma4_routing_kernel:gemma4_routing_kernel",
                 signature=(("logits_ptr", f"*{dtype}"), ("scale_ptr", "*fp32"), ("weights_ptr", "*fp32"),
                            ("ids_ptr", "*i32"), ("num_tokens", "i32"), ("num_experts", "i32"),
                            ("row_stride", "i32")),
-                constexprs=(("TOPK", 8), ("BLOCK_T", cfg.BLOCK_T), ("BLOCK_E", next_power_of_2(experts)),
-                            ("BLOCK_K", 16 if guard else 8), ("METHOD", cfg.METHOD), ("KEY_BITS", cfg.KEY_BITS),
-                            ("GUARD", guard)),
+                constexprs=(("TOPK", 8), ("BLOCK_T", cfg.BLOCK_T), ("METHOD", cfg.METHOD), *keys.items()),
                 options=(("num_warps", cfg.num_warps),),
                 label=(f"E={experts} K=8 {dtype} BLOCK_T={cfg.BLOCK_T} warps={cfg.num_warps} "
-                       f"method={cfg.METHOD} keys={cfg.KEY_BITS}"),
+                       f"method={cfg.METHOD} keys={keys['KEY_BITS']}"),
             ))
     return builds
 
@@ -137,11 +138,11 @@ def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[RoutingC
 
 def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Generator):
     from rocmoe.backends.torch.gemma4_routing import gemma4_routing_torch
+    from rocmoe.bench.timing import rotating_sets
     from rocmoe.tune import TuneInputs
 
     tokens, experts, topk = regime["tokens"], regime["experts"], 8
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
-    sets = max(1, min(16, -(-2 * l2 // (tokens * experts * 4))))
+    sets = rotating_sets(device, tokens * experts * 4)
     logits = [torch.randn(tokens, experts, generator=gen).to(device) for _ in range(sets)]
     scale = (torch.rand(experts, generator=gen) + 0.5).to(device)
     weights = [torch.empty(tokens, topk, device=device) for _ in range(sets)]

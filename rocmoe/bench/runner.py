@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import platform
 import subprocess
 from collections.abc import Callable
@@ -15,7 +14,7 @@ import torch
 import rocmoe
 from rocmoe import registry
 from rocmoe.bench.cases import BenchCase, cases_for
-from rocmoe.bench.timing import Ceilings, measure_ceilings, time_events, time_graph, time_host
+from rocmoe.bench.timing import Ceilings, measure_ceilings, rotating_sets, time_events, time_graph, time_host
 from rocmoe.device import Device
 
 __all__ = ["BenchRow", "COMPARE_MODES", "run_bench", "environment"]
@@ -26,7 +25,6 @@ COMPARE_MODES = {
     "compile": "default",
     "compile-max-autotune": "max-autotune-no-cudagraphs",
 }
-MAX_INPUT_SETS = 16
 
 
 @dataclass
@@ -68,13 +66,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         env["git_commit"] = None
     return env
-
-
-def _input_sets(case: BenchCase, device: torch.device, gen: torch.Generator) -> int:
-    if device.type != "cuda":
-        return 1
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
-    return max(1, min(MAX_INPUT_SETS, math.ceil(2 * l2 / max(case.set_bytes, 1))))
 
 
 def _time(calls: list[Callable[[], Any]], device: torch.device, graph: bool) -> tuple[float | None, float | None]:
@@ -132,7 +123,7 @@ def run_bench(device: torch.device, *, ops: list[str], models: list[str] | None 
             if progress:
                 progress(f"{op} {case.model} {case.label}")
             gen = torch.Generator().manual_seed(seed)
-            sets = [case.make_inputs(device, gen) for _ in range(_input_sets(case, device, gen))]
+            sets = [case.make_inputs(device, gen) for _ in range(rotating_sets(device, case.set_bytes))]
             outs = [case.make_outputs(s) for s in sets]
             names = backends or [registry.select(op, desc, case.problem(sets[0])).impl.backend]
             for name in names:

@@ -3,6 +3,7 @@ clock on the CPU, and the device's ceilings measured on the spot."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -10,7 +11,18 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Ceilings", "measure_ceilings", "time_events", "time_graph", "time_host"]
+__all__ = ["Ceilings", "measure_ceilings", "rotating_sets", "time_events", "time_graph", "time_host"]
+
+MAX_INPUT_SETS = 16
+
+
+def rotating_sets(device: torch.device, set_bytes: int) -> int:
+    """How many input sets to rotate so that together they outgrow twice the
+    L2 cache (repeated calls then read memory, not a warm cache); 1 off-GPU."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+    return max(1, min(MAX_INPUT_SETS, math.ceil(2 * l2 / max(set_bytes, 1))))
 
 
 def _sync(device: torch.device) -> None:

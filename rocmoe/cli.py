@@ -125,8 +125,19 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if tuning is None:
         print(f"rocmoe tune: {args.op} has no tunable launch parameters", file=sys.stderr)
         return 2
+    regimes = None
+    if args.from_log:
+        from rocmoe import shape_log
+
+        regimes = shape_log.regimes_from_log(shape_log.load(args.from_log), args.op, tuning.spec.regime_keys,
+                                             tuning.split_key, args.max_regimes)
+        if not regimes:
+            print(f"rocmoe tune: the shape log in {args.from_log} has no {args.op} calls", file=sys.stderr)
+            return 2
+        print(f"tuning {len(regimes)} logged regime(s) of {args.op}: "
+              + ", ".join(" ".join(f"{k}={v}" for k, v in r.items()) for r in regimes))
     device = _device_arg(args.device)
-    path = run_tune(tuning, device, out=args.out, budget_s=args.budget_s,
+    path = run_tune(tuning, device, out=args.out, budget_s=args.budget_s, regimes=regimes,
                     command="rocmoe tune " + " ".join(sys.argv[2:]))
     print(f"wrote {path}")
     return 0
@@ -163,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", help="table path (default: rocmoe/configs/<op>/<arch>.json in the package)")
     tune.add_argument("--budget-s", type=float, default=600.0, help="stop sweeping after this many seconds")
     tune.add_argument("--device", help="torch device (default: the current GPU)")
+    tune.add_argument("--from-log", metavar="DIR",
+                      help="tune the regimes a ROCMOE_SHAPE_LOG=DIR run recorded (hottest first)")
+    tune.add_argument("--max-regimes", type=int, default=16, help="with --from-log: at most this many regimes")
     tune.set_defaults(fn=_cmd_tune)
 
     check = sub.add_parser("build-check", help="compile every Triton kernel and config for gfx942, gfx950, "

@@ -144,3 +144,32 @@ def test_compile_on_gpu(cuda):
             torch.testing.assert_close(got, want)
         else:
             assert torch.equal(got, want)
+
+
+def test_shape_log_skips_capture_and_histograms_asynchronously(cuda, tmp_path):
+    from rocmoe import shape_log
+    from rocmoe.bench.cases import random_mxfp4_weights
+
+    shape_log._configure(tmp_path, every=1)
+    try:
+        logits = torch.randn(16, 128, device=cuda)
+        scale = torch.rand(128, device=cuda)
+        out_w = torch.empty(16, 8, device=cuda)
+        out_ids = torch.empty(16, 8, dtype=torch.int32, device=cuda)
+        rocmoe.gemma4_routing(logits, 8, scale, out_weights=out_w, out_ids=out_ids)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            rocmoe.gemma4_routing(logits, 8, scale, out_weights=out_w, out_ids=out_ids)
+        graph.replay()
+        w = random_mxfp4_weights(4, 128, 64, "concatenated", False, cuda, torch.Generator().manual_seed(0))
+        x = torch.randn(3, 128, device=cuda, dtype=torch.bfloat16)
+        ids = torch.tensor([[0, 1], [0, 2], [0, -1]], dtype=torch.int32, device=cuda)
+        rocmoe.mxfp4_moe(x, w, torch.ones(3, 2, device=cuda), ids, backend="torch")
+        shape_log.flush()
+        log = shape_log.load(tmp_path)
+        assert [calls for _, calls in log.shapes("gemma4_routing")] == [1]  # the captured call is not counted
+        (moe_shape, _), = log.shapes("mxfp4_moe")
+        hist = log.histogram("mxfp4_moe", moe_shape)
+        assert hist[:4] == [1, 2, 0, 1]  # expert 3 idle; experts 1, 2 one token; expert 0 three
+    finally:
+        shape_log._configure(None, every=64)

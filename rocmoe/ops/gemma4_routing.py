@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rocmoe import registry
+from rocmoe import registry, shape_log
 from rocmoe.device import Device
 from rocmoe.ops._validate import FLOAT_DTYPES, check_int, check_out, check_tensor
 
@@ -102,6 +102,9 @@ def _gemma4_routing_op(
 ) -> None:
     problem = problem_of(gating_output, topk, per_expert_scale)
     impl = registry.select(OP, Device.of(gating_output), problem, backend).impl
+    if shape_log.ENABLED:
+        shape_log.record(OP, gating_output, tokens=gating_output.shape[0], experts=gating_output.shape[1],
+                         topk=topk, dtype=str(gating_output.dtype).removeprefix("torch."), backend=impl.backend)
     impl.run(gating_output, topk, per_expert_scale, out_weights, out_ids)
 
 

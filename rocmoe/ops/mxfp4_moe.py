@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from rocmoe import registry
+from rocmoe import registry, shape_log
 from rocmoe.device import Device
 from rocmoe.ops._validate import check_choice, check_int, check_out, check_tensor
 
@@ -291,6 +291,12 @@ def _mxfp4_moe_op(
         if workspace.numel() < need:
             raise ValueError(f"workspace must hold at least {need} bytes for M={x.shape[0]} with the "
                              f"{impl.backend} backend, got {workspace.numel()}")
+    if shape_log.ENABLED:
+        shape = dict(tokens=x.shape[0], experts=weights.num_experts, topk=topk_ids.shape[1],
+                     hidden=weights.hidden_size, intermediate=weights.intermediate_size,
+                     activation=activation, expert_parallel=expert_map is not None, backend=impl.backend)
+        shape_log.record(OP, x, **shape)
+        shape_log.record_moe_histogram(shape, topk_ids, weights.num_experts, expert_map)
     impl.run(x, weights, topk_weights, topk_ids, expert_map, activation, alpha, limit,
              apply_router_weight_on_input, out, workspace)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rocmoe import registry
+from rocmoe import registry, shape_log
 from rocmoe.device import Device
 from rocmoe.ops._validate import FLOAT_DTYPES, check_int, check_out, check_tensor
 
@@ -174,6 +174,10 @@ def _sparse_mla_decode_op(
 ) -> None:
     problem = problem_of(q, kv_cache, indices, d_v, topk_length, attn_sink, extra_kv_cache, extra_indices)
     impl = registry.select(OP, Device.of(q), problem, backend).impl
+    if shape_log.ENABLED:
+        shape_log.record(OP, q, tokens=q.shape[0], heads=problem.num_heads, head_dim=problem.head_dim,
+                         topk=problem.topk, extra_topk=problem.extra_topk or 0, block_size=problem.block_size,
+                         backend=impl.backend)
     impl.run(q, kv_cache, indices, softmax_scale, d_v, topk_length, attn_sink,
              extra_kv_cache, extra_indices, extra_topk_length, out, lse_out)
 

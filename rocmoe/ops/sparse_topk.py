@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rocmoe import registry
+from rocmoe import registry, shape_log
 from rocmoe.device import Device
 from rocmoe.ops._validate import check_int, check_out, check_tensor
 
@@ -118,6 +118,9 @@ def _sparse_topk_op(
     backend: str | None,
 ) -> None:
     impl = registry.select(OP, Device.of(seq_lens), problem_of(logits, topk, block_table), backend).impl
+    if shape_log.ENABLED:
+        shape_log.record(OP, seq_lens, tokens=seq_lens.shape[0], seq_len=0 if logits is None else logits.shape[1],
+                         topk=topk, paged=block_table is not None, backend=impl.backend)
     impl.run(logits, seq_lens, topk, block_table, block_size, max_seq_len, out)
 
 

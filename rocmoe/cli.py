@@ -115,6 +115,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     import importlib
     import importlib.util
 
+    from rocmoe.device import Device
     from rocmoe.tune import run_tune
 
     module_name = f"rocmoe.backends.triton.{args.op}"
@@ -125,18 +126,20 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if tuning is None:
         print(f"rocmoe tune: {args.op} has no tunable launch parameters", file=sys.stderr)
         return 2
+    device = _device_arg(args.device)
     regimes = None
     if args.from_log:
         from rocmoe import shape_log
 
-        regimes = shape_log.regimes_from_log(shape_log.load(args.from_log), args.op, tuning.spec.regime_keys,
-                                             tuning.split_key, args.max_regimes)
+        desc = Device.for_torch_device(device)
+        regimes = shape_log.regimes_from_log(shape_log.load(args.from_log), args.op,
+                                             lambda shape: tuning.project(shape, desc), tuning.split_key,
+                                             args.max_regimes)
         if not regimes:
             print(f"rocmoe tune: the shape log in {args.from_log} has no {args.op} calls", file=sys.stderr)
             return 2
         print(f"tuning {len(regimes)} logged regime(s) of {args.op}: "
               + ", ".join(" ".join(f"{k}={v}" for k, v in r.items()) for r in regimes))
-    device = _device_arg(args.device)
     path = run_tune(tuning, device, out=args.out, budget_s=args.budget_s, regimes=regimes,
                     command="rocmoe tune " + " ".join(sys.argv[2:]))
     print(f"wrote {path}")

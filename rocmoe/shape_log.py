@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,20 +235,20 @@ def load(directory: str | os.PathLike) -> ShapeLog:
     return log
 
 
-def regimes_from_log(log: ShapeLog, op: str, regime_keys: Iterable[str], split_key: str,
-                     max_regimes: int) -> list[dict[str, int]]:
-    """The regimes to tune: logged shapes projected on ``regime_keys``, the split
-    key rounded up to a power of two (a serving run meets every batch size;
-    the table interpolates between measured points anyway), merged, and the
-    ``max_regimes`` most-called kept, in ascending split-key order."""
-    regime_keys = tuple(regime_keys)
+def regimes_from_log(log: ShapeLog, op: str, project: Callable[[dict[str, Any]], dict[str, int] | None],
+                     split_key: str, max_regimes: int) -> list[dict[str, int]]:
+    """The regimes to tune: each logged shape of ``op`` projected to a tuning
+    regime by ``project`` (None = not tunable), the split key rounded up to a
+    power of two (a serving run meets every batch size; the table interpolates
+    between measured points anyway), merged, and the ``max_regimes``
+    most-called kept, in ascending split-key order."""
     weights: Counter = Counter()
     for shape, calls in log.shapes(op):
-        if not all(k in shape for k in regime_keys):
+        regime = project(shape)
+        if regime is None:
             continue
-        regime = {k: int(shape[k]) for k in regime_keys}
         value = regime[split_key]
         regime[split_key] = 1 << max(0, (value - 1).bit_length())
         weights[tuple(sorted(regime.items()))] += calls
     hottest = [dict(items) for items, _ in weights.most_common(max_regimes)]
-    return sorted(hottest, key=lambda r: tuple(r[k] for k in (split_key, *regime_keys)))
+    return sorted(hottest, key=lambda r: (r[split_key], sorted(r.items())))

@@ -50,6 +50,16 @@ class Tuning:
     make_inputs: Callable[[dict[str, int], torch.device, torch.Generator], TuneInputs]
     #: the regime key whose buckets the table splits on; others are matched exactly
     split_key: str
+    #: a shape recorded by ROCMOE_SHAPE_LOG -> the regime to tune on ``device``
+    #: (None: not tunable); by default the shape's values of the spec's regime keys
+    regime_of_shape: Callable[[dict[str, Any], Device], dict[str, int] | None] | None = None
+
+    def project(self, shape: dict[str, Any], device: Device) -> dict[str, int] | None:
+        if self.regime_of_shape is not None:
+            return self.regime_of_shape(shape, device)
+        if not all(k in shape for k in self.spec.regime_keys):
+            return None
+        return {k: int(shape[k]) for k in self.spec.regime_keys}
 
 
 def _time(inputs: TuneInputs, params: Any, device: torch.device) -> float:

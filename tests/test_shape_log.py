@@ -85,7 +85,10 @@ def test_regimes_from_log_rounds_merges_and_keeps_the_hottest():
     log = shape_log.ShapeLog()
     for tokens, calls in ((3, 5), (4, 2), (100, 50), (1000, 1), (7, 1)):
         log.calls[shape_log._key("gemma4_routing", {"tokens": tokens, "experts": 128, "topk": 8})] = calls
-    regimes = shape_log.regimes_from_log(log, "gemma4_routing", ("tokens", "experts"), "tokens", max_regimes=2)
+    def project(shape):
+        return {"tokens": shape["tokens"], "experts": shape["experts"]}
+
+    regimes = shape_log.regimes_from_log(log, "gemma4_routing", project, "tokens", max_regimes=2)
     # 3 and 4 merge into 4 (7 calls), 7 -> 8 (1 call), 100 -> 128 (50), 1000 -> 1024 (1)
     assert regimes == [{"tokens": 4, "experts": 128}, {"tokens": 128, "experts": 128}]
 

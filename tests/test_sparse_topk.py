@@ -1,4 +1,5 @@
-"""sparse_topk (torch backend): the short-circuit, the general path, block tables."""
+"""sparse_topk, every backend that runs here (torch; triton under the
+interpreter): the short-circuit, the general path, block tables."""
 
 from __future__ import annotations
 
@@ -13,6 +14,28 @@ def _window_ref(lens, topk):
     return [[p for p in range(max(0, min(n, topk)))] + [-1] * (topk - max(0, min(n, topk))) for n in lens]
 
 
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, kernel_device):
+    """(name, device): the torch backend on the CPU, triton where its kernels run."""
+    return request.param, torch.device("cpu") if request.param == "torch" else kernel_device
+
+
+def _call(backend, logits, seq_lens, topk, *, out=None, block_table=None, **kwargs):
+    """rocmoe.sparse_topk on the backend's device; CPU tensors in and out."""
+    name, device = backend
+
+    def moved(t):
+        return None if t is None else t.to(device)
+
+    dev_out = moved(out)
+    got = rocmoe.sparse_topk(moved(logits), moved(seq_lens), topk, out=dev_out, block_table=moved(block_table),
+                             backend=name, **kwargs)
+    assert dev_out is None or got is dev_out
+    if out is not None:
+        return out.copy_(got)
+    return got.cpu()
+
+
 class _Untouchable(torch.Tensor):
     """A logits tensor whose every torch use fails: proves the short-circuit never reads it."""
 
@@ -25,13 +48,13 @@ class _Untouchable(torch.Tensor):
 
 
 @pytest.mark.parametrize("max_hint", [None, "exact"])
-def test_short_circuit_writes_the_window(gen, max_hint):
+def test_short_circuit_writes_the_window(backend, gen, max_hint):
     topk, tokens = 16, 9
     lens = torch.randint(0, topk + 1, (tokens,), generator=gen, dtype=torch.int32)
     lens[0] = topk
     hint = None if max_hint is None else int(lens.max())
     out = poison(torch.empty(tokens, topk, dtype=torch.int32))
-    got = rocmoe.sparse_topk(None, lens, topk, max_seq_len=hint, out=out)
+    got = _call(backend, None, lens, topk, max_seq_len=hint, out=out)
     assert got is out and got.tolist() == _window_ref(lens.tolist(), topk)
 
 
@@ -47,13 +70,13 @@ def test_short_circuit_never_reads_logits(gen, hint):
 
 
 @pytest.mark.parametrize("tokens, width, topk", [(1, 40, 8), (6, 300, 32), (4, 2048, 100)])
-def test_general_path_picks_the_top_positions(gen, tokens, width, topk):
+def test_general_path_picks_the_top_positions(backend, gen, tokens, width, topk):
     # Distinct scores make the expected set unique.
     logits = torch.stack([torch.randperm(width, generator=gen).float() for _ in range(tokens)])
     lens = torch.randint(1, width + 1, (tokens,), generator=gen, dtype=torch.int32)
     lens[0] = width  # at least one row exceeds topk, so the general path runs
     out = poison(torch.empty(tokens, topk, dtype=torch.int32))
-    rocmoe.sparse_topk(logits, lens, topk, out=out)
+    _call(backend, logits, lens, topk, out=out)
     for t in range(tokens):
         n = int(lens[t])
         window = logits[t, :n].tolist()
@@ -64,12 +87,12 @@ def test_general_path_picks_the_top_positions(gen, tokens, width, topk):
         assert all(p == -1 for p in row[len(want):])  # -1 padding at the end
 
 
-def test_ties_and_neg_inf_stay_inside_the_window(gen):
+def test_ties_and_neg_inf_stay_inside_the_window(backend, gen):
     tokens, width, topk = 5, 64, 12
     logits = torch.randint(0, 3, (tokens, width), generator=gen).float()
     logits[:, ::3] = float("-inf")
     lens = torch.tensor([64, 20, 13, 40, 5], dtype=torch.int32)
-    out = rocmoe.sparse_topk(logits, lens, topk)
+    out = _call(backend, logits, lens, topk)
     for t in range(tokens):
         n = min(int(lens[t]), width)
         chosen = [p for p in out[t].tolist() if p >= 0]
@@ -79,15 +102,15 @@ def test_ties_and_neg_inf_stay_inside_the_window(gen):
         assert sorted(logits[t, chosen].tolist(), reverse=True) == vals
 
 
-def test_window_wider_than_logits_is_clamped(gen):
+def test_window_wider_than_logits_is_clamped(backend, gen):
     logits = torch.randn(2, 10, generator=gen)
     lens = torch.tensor([50, 3], dtype=torch.int32)  # beyond L: only L positions exist
-    out = rocmoe.sparse_topk(logits, lens, 16)
+    out = _call(backend, logits, lens, 16)
     assert out.tolist() == _window_ref([10, 3], 16)
 
 
 @pytest.mark.parametrize("general", [False, True])
-def test_block_table_conversion(gen, general):
+def test_block_table_conversion(backend, gen, general):
     tokens, block_size, max_blocks, topk = 4, 16, 6, 24
     width = max_blocks * block_size
     table = torch.stack([torch.randperm(50, generator=gen)[:max_blocks] for _ in range(tokens)]).int()
@@ -98,8 +121,8 @@ def test_block_table_conversion(gen, general):
     else:
         logits = None
         lens = torch.randint(0, topk + 1, (tokens,), generator=gen, dtype=torch.int32)
-    positions = rocmoe.sparse_topk(logits, lens, topk)
-    slots = rocmoe.sparse_topk(logits, lens, topk, block_table=table, block_size=block_size)
+    positions = _call(backend, logits, lens, topk)
+    slots = _call(backend, logits, lens, topk, block_table=table, block_size=block_size)
     for t in range(tokens):
         for p, s in zip(positions[t].tolist(), slots[t].tolist()):
             if p < 0 or table[t, p // block_size] < 0:
@@ -108,16 +131,16 @@ def test_block_table_conversion(gen, general):
                 assert s == int(table[t, p // block_size]) * block_size + p % block_size
 
 
-def test_logits_none_when_window_does_not_fit():
+def test_logits_none_when_window_does_not_fit(backend):
     lens = torch.tensor([3, 40], dtype=torch.int32)
     with pytest.raises(ValueError, match="logits is None but seq_lens has max 40 > topk=8"):
-        rocmoe.sparse_topk(None, lens, 8)
+        _call(backend, None, lens, 8)
     with pytest.raises(ValueError, match="logits is None but max_seq_len=40 > topk=8"):
-        rocmoe.sparse_topk(None, lens, 8, max_seq_len=40)
+        _call(backend, None, lens, 8, max_seq_len=40)
 
 
-def test_zero_tokens():
-    assert rocmoe.sparse_topk(None, torch.empty(0, dtype=torch.int32), 4).shape == (0, 4)
+def test_zero_tokens(backend):
+    assert _call(backend, None, torch.empty(0, dtype=torch.int32), 4).shape == (0, 4)
 
 
 @pytest.mark.parametrize("change, exc, message", [

@@ -173,3 +173,48 @@ def test_shape_log_skips_capture_and_histograms_asynchronously(cuda, tmp_path):
         assert hist[:4] == [1, 2, 0, 1]  # expert 3 idle; experts 1, 2 one token; expert 0 three
     finally:
         shape_log._configure(None, every=64)
+
+
+@pytest.mark.parametrize("tokens", [1, 64])
+@pytest.mark.parametrize("shape", [(576, 16, 2048, 0), (576, 128, 2048, 0), (512, 64, 512, 128)],
+                         ids=["v32-h16", "v32-h128", "v4-flash"])
+def test_triton_mla_at_spec_shapes(cuda, gen, tokens, shape):
+    from rocmoe.backends.torch.sparse_mla_decode import sparse_mla_decode_torch
+
+    dim, heads, topk, extra = shape
+    q = torch.randn(tokens, heads, dim, generator=gen).to(cuda, torch.bfloat16)
+    cache = torch.randn(2 * tokens * topk // 64 + 1, 64, dim, generator=gen).to(cuda, torch.bfloat16)
+    idx = torch.randint(-1, cache.shape[0] * 64, (tokens, topk), generator=gen, dtype=torch.int32).to(cuda)
+    kw = {}
+    if extra:
+        kw = dict(extra_kv_cache=torch.randn(8, 64, dim, generator=gen).to(cuda, torch.bfloat16),
+                  extra_indices=torch.randint(0, 512, (tokens, extra), generator=gen, dtype=torch.int32).to(cuda),
+                  attn_sink=torch.randn(heads, generator=gen).to(cuda))
+    out, lse = rocmoe.sparse_mla_decode(q, cache, idx, softmax_scale=dim ** -0.5, backend="triton", **kw)
+    ref_out, ref_lse = sparse_mla_decode_torch(q, cache, idx, dim ** -0.5, 512, None, kw.get("attn_sink"),
+                                               kw.get("extra_kv_cache"), kw.get("extra_indices"))
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
+    assert float((out.float() - ref_out).norm() / ref_out.norm()) <= 5e-3
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 64])
+@pytest.mark.parametrize("width", [8192, 131072])
+def test_triton_topk_at_spec_shapes(cuda, gen, tokens, width):
+    logits = torch.randn(tokens, width, generator=gen).to(cuda)
+    lens = torch.randint(width // 2, width + 1, (tokens,), generator=gen, dtype=torch.int32).to(cuda)
+    got = rocmoe.sparse_topk(logits, lens, 2048, backend="triton")
+    for t in range(tokens):
+        n = int(lens[t])
+        want = torch.topk(logits[t, :n], 2048).indices.sort().values
+        assert torch.equal(got[t].long().sort().values, want)
+
+
+def test_triton_topk_graph_capture_without_host_bound(cuda, gen):
+    logits = torch.randn(4, 8192, device=cuda)
+    lens = torch.tensor([100, 8192, 2048, 3000], dtype=torch.int32, device=cuda)
+    out = torch.empty(4, 2048, dtype=torch.int32, device=cuda)
+    _replay_matches_eager(
+        lambda: rocmoe.sparse_topk(logits, lens, 2048, out=out, backend="triton"),
+        lambda: logits.copy_(torch.randn(4, 8192, generator=gen).to(cuda)),
+        lambda: (rocmoe.sparse_topk(logits, lens, 2048, backend="triton"),), [out])

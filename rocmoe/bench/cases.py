@@ -266,7 +266,7 @@ def moe_case(model_name: str, tokens: int) -> BenchCase:
 
 def mla_case(model_name: str, heads: int, tokens: int, block_size: int = 64) -> BenchCase:
     m = MLA_MODELS[model_name]
-    d_v = 512 if m.dim == 576 else 448
+    d_v = 512  # SPEC §3: V3.2 reads V from the first 512 of 576 columns; V4 from the whole 512-wide row
     keys = m.topk + m.extra
     scale = 1.0 / math.sqrt(m.dim)
 
@@ -323,7 +323,7 @@ def mla_case(model_name: str, heads: int, tokens: int, block_size: int = 64) -> 
         check=check, reference=sparse_mla_decode_torch,
         reference_args=lambda inp: (inp["q"], inp["cache"], inp["indices"], scale, d_v, None, None,
                                     inp.get("extra_cache"), inp.get("extra_indices")),
-        extra={"heads": heads},
+        extra={"heads": heads, "scale": scale},
     )
 
 

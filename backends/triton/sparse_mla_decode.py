@@ -1,0 +1,304 @@
+"""Triton backend of ``sparse_mla_decode``: split-key flash decoding with one
+gather of each selected latent row per program, shared by a block of heads.
+
+The launch (heads per program, keys per step, warps, stages, split count) is
+chosen from the live shape - queries, heads, keys per query - by
+:func:`launch_config`: the shipped table for the arch, else the family's
+heuristic (``_nvidia_heuristic`` / ``_cdna_heuristic``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2
+from rocmoe.backends.triton._sparse_mla_decode_kernel import sparse_mla_decode_kernel, sparse_mla_reduce_kernel
+from rocmoe.configs import ConfigSpec, register_spec
+from rocmoe.device import Device
+
+__all__ = ["MlaConfig", "SPEC", "TUNING", "launch", "launch_config", "split_dims", "build_variants",
+           "IMPLEMENTATION"]
+
+REDUCE_BLOCK_H = 8
+_CDNA = frozenset({"cdna3", "cdna4", "amd"})
+
+
+@dataclass(frozen=True)
+class MlaConfig:
+    """BLOCK_H heads and BLOCK_N keys per step in a program; SPLIT programs per
+    (token, head block) along the key set."""
+
+    BLOCK_H: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+    SPLIT: int
+
+
+def split_dims(head_dim: int) -> tuple[int, int] | None:
+    """(D_MAIN, D_TAIL) with both powers of two (tail may be 0), or None."""
+    main = 1 << (head_dim.bit_length() - 1)
+    tail = head_dim - main
+    if tail and tail & (tail - 1):
+        return None
+    return main, tail
+
+
+def _split_for(tokens: int, head_blocks: int, keys: int, block_n: int, units: int, waves: float) -> int:
+    """Chunks per (token, head block): none when the batch alone fills the
+    device, else enough for ``waves`` programs per compute unit, each chunk at
+    least two key steps."""
+    programs = tokens * head_blocks
+    if programs >= units:
+        return 1  # the batch fills the device: a reduce would only cost
+    want = math.ceil(waves * units / programs)
+    most = max(1, keys // (2 * block_n))
+    split = max(1, min(want, most, 64))
+    return next_power_of_2(split) if split > 1 else 1
+
+
+def _nvidia_heuristic(regime: Mapping[str, int]) -> MlaConfig:
+    """Hopper/Blackwell/Ampere: 32 heads share a gather (a 64-head block's fp32
+    [64, 512] accumulator spills on sm90 at any warp count Triton allows), 32
+    keys per step, eight warps; split to two programs per SM when the batch
+    cannot fill the device."""
+    heads = regime["heads"]
+    block_h = 32 if heads > 16 else 16
+    block_n = 32
+    split = _split_for(regime["tokens"], -(-heads // block_h), regime["keys"], block_n, regime["compute_units"], 2)
+    return MlaConfig(block_h, block_n, 8 if block_h == 32 else 4, 1, split)
+
+
+def _cdna_heuristic(regime: Mapping[str, int]) -> MlaConfig:
+    """CDNA: 16 heads and 16 keys per step with four waves (32-head blocks, or
+    eight waves, spill on gfx950 in build-check). Heuristic until measured
+    on MI300/MI355."""
+    block_h, block_n = 16, 16
+    split = _split_for(regime["tokens"], -(-regime["heads"] // block_h), regime["keys"], block_n,
+                       regime["compute_units"], 2)
+    return MlaConfig(block_h, block_n, 4, 1, split)
+
+
+SPEC = register_spec(ConfigSpec(
+    op="sparse_mla_decode",
+    kernel="split_key_decode",
+    params=MlaConfig,
+    regime_keys=("tokens", "heads", "keys", "head_dim", "compute_units"),
+    heuristics={"cdna3": _cdna_heuristic, "cdna4": _cdna_heuristic, "amd": _cdna_heuristic,
+                "default": _nvidia_heuristic},
+))
+
+
+def launch_config(device: Device, tokens: int, heads: int, keys: int, head_dim: int) -> MlaConfig:
+    """The launch for a live shape: ``keys`` = topk (+ extra topk) per query."""
+    config, _ = SPEC.choose(device, tokens=tokens, heads=heads, keys=keys, head_dim=head_dim,
+                            compute_units=device.limits.compute_units)
+    return config
+
+
+def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_cache, extra_indices,
+           extra_topk_length, out, lse_out, config: MlaConfig) -> None:
+    """Launch with an explicit config (the tuner and build-check use this).
+    ``cache``/``extra_cache`` are 3-D [num_blocks, block_size, D]."""
+    num_tokens, num_heads, head_dim = q.shape
+    main, tail = split_dims(head_dim)
+    topk = indices.shape[1]
+    has_extra = extra_cache is not None
+    extra_topk = extra_indices.shape[1] if has_extra else 0
+    split = config.SPLIT
+    chunk = triton.cdiv(triton.cdiv(topk + extra_topk, split), config.BLOCK_N) * config.BLOCK_N
+    if split > 1:
+        part_out = torch.empty((num_tokens, split, num_heads, d_v), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_tokens, split, num_heads), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = lse_out  # never touched
+    grid = (num_tokens, triton.cdiv(num_heads, config.BLOCK_H), split)
+    with launch_device(q):
+        sparse_mla_decode_kernel[grid](
+            q, cache, indices,
+            indices if topk_length is None else topk_length,
+            cache if not has_extra else extra_cache,
+            indices if not has_extra else extra_indices,
+            indices if extra_topk_length is None else extra_topk_length,
+            lse_out if attn_sink is None else attn_sink,
+            out, lse_out, part_out, part_lse,
+            num_heads, cache.shape[0] * cache.shape[1],
+            extra_cache.shape[0] * extra_cache.shape[1] if has_extra else 0,
+            topk, extra_topk, float(softmax_scale) * 1.4426950408889634, d_v,
+            q.stride(0), q.stride(1), indices.stride(0), extra_indices.stride(0) if has_extra else 0,
+            out.stride(0), out.stride(1), lse_out.stride(0),
+            chunk,
+            D=head_dim, D_MAIN=main, D_TAIL=tail, BLOCK_H=config.BLOCK_H, BLOCK_N=config.BLOCK_N,
+            HAS_LEN=topk_length is not None, HAS_EXTRA=has_extra, HAS_XLEN=extra_topk_length is not None,
+            HAS_SINK=attn_sink is not None, PARTIAL=split > 1, IEEE=q.dtype == torch.float32,
+            WIDE=max(cache.numel(), extra_cache.numel() if has_extra else 0) >= 2**31,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        if split > 1:
+            sparse_mla_reduce_kernel[(num_tokens, triton.cdiv(num_heads, REDUCE_BLOCK_H))](
+                part_out, part_lse, lse_out if attn_sink is None else attn_sink, out, lse_out, num_heads, d_v,
+                out.stride(0), out.stride(1), lse_out.stride(0), split,
+                BLOCK_H=REDUCE_BLOCK_H, BLOCK_DV=next_power_of_2(d_v), HAS_SINK=attn_sink is not None,
+                num_warps=4,
+            )
+
+
+class TritonSparseMlaDecode(TritonOp):
+    op = "sparse_mla_decode"
+
+    def not_supported_reasons(self, device: Device, problem) -> list[str]:
+        reasons = super().not_supported_reasons(device, problem)
+        if problem is None:
+            return reasons
+        dims = split_dims(problem.head_dim)
+        if dims is None or dims[0] < 16:
+            reasons.append(f"triton sparse_mla_decode needs D = a power of two (>= 16) plus a power-of-two "
+                           f"tail (576 = 512 + 64, 512); got D = {problem.head_dim}")
+        elif problem.extra_topk is not None and device.family in _CDNA:
+            reasons.append("triton sparse_mla_decode with an extra key set (DeepSeek-V4) spills registers on "
+                           "CDNA (gfx942/gfx950, seen by rocmoe build-check); not offered there yet")
+        elif problem.d_v > dims[0]:
+            reasons.append(f"triton sparse_mla_decode needs d_v <= {dims[0]} (the power-of-two part of "
+                           f"D = {problem.head_dim}); got d_v = {problem.d_v}")
+        return reasons
+
+    def config_source(self, device: Device) -> str | None:
+        return SPEC.source(device)
+
+    def run(self, q, kv_cache, indices, softmax_scale, d_v, topk_length, attn_sink,
+            extra_kv_cache, extra_indices, extra_topk_length, out, lse_out) -> None:
+        keys = indices.shape[1] + (0 if extra_indices is None else extra_indices.shape[1])
+        config = launch_config(Device.of(q), q.shape[0], q.shape[1], keys, q.shape[2])
+        launch(q, kv_cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_kv_cache, extra_indices,
+               extra_topk_length, out, lse_out, config)
+
+
+IMPLEMENTATION = TritonSparseMlaDecode()
+
+
+# (name, head_dim, heads, topk, extra topk) at SPEC §3's benchmark shapes.
+BENCH_SHAPES = (("dsv32", 576, 16, 2048, 0), ("dsv32", 576, 128, 2048, 0), ("dsv4-flash", 512, 64, 512, 128),
+                ("dsv4-pro", 512, 128, 1024, 128))
+BENCH_TOKENS = (1, 8, 64, 128, 512)
+_KERNELS = "rocmoe.backends.triton._sparse_mla_decode_kernel:"
+
+
+def build_variants(arch: str):
+    """Every launch the shipped table or the heuristic makes on ``arch`` at the
+    benchmark shapes (bf16), with the features each model uses."""
+    from rocmoe.build_check import KernelBuild
+
+    device = Device.from_arch(arch)
+    table = SPEC.table(arch)
+    jobs = set()
+    for _, dim, heads, topk, extra in BENCH_SHAPES:
+        if extra and device.family in _CDNA:
+            continue  # not offered there (see not_supported_reasons)
+        keys = topk + extra
+        configs = {SPEC.heuristic(device)({"tokens": t, "heads": heads, "keys": keys, "head_dim": dim,
+                                           "compute_units": device.limits.compute_units}) for t in BENCH_TOKENS}
+        if table is not None:
+            configs |= {p for when, p in table.entries
+                        if when.get("heads", (heads, heads))[0] <= heads <= (when.get("heads", (0, None))[1] or heads)
+                        and when.get("head_dim", (dim, dim))[0] == dim}
+        # The split count is a runtime argument: one build per "partial or not".
+        jobs |= {(dim, extra > 0, dataclasses.replace(cfg, SPLIT=min(cfg.SPLIT, 2))) for cfg in configs}
+    builds = []
+    for (dim, has_extra, cfg), wide in itertools.product(sorted(jobs, key=repr), (False, True)):
+        main, tail = split_dims(dim)
+        builds.append(KernelBuild(
+            op="sparse_mla_decode", kernel=_KERNELS + "sparse_mla_decode_kernel",
+            signature=(("q_ptr", "*bf16"), ("cache_ptr", "*bf16"), ("idx_ptr", "*i32"), ("len_ptr", "*i32"),
+                       ("xcache_ptr", "*bf16"), ("xidx_ptr", "*i32"), ("xlen_ptr", "*i32"), ("sink_ptr", "*fp32"),
+                       ("out_ptr", "*bf16"), ("lse_ptr", "*fp32"), ("part_out_ptr", "*fp32"),
+                       ("part_lse_ptr", "*fp32"), ("num_heads", "i32"), ("rows", "i32"), ("xrows", "i32"),
+                       ("topk", "i32"), ("xtopk", "i32"), ("qk_scale", "fp32"), ("d_v", "i32"),
+                       ("q_stride_t", "i32"), ("q_stride_h", "i32"), ("idx_stride", "i32"), ("xidx_stride", "i32"),
+                       ("out_stride_t", "i32"), ("out_stride_h", "i32"), ("lse_stride", "i32"),
+                       ("chunk", "i32")),
+            constexprs=(("D", dim), ("D_MAIN", main), ("D_TAIL", tail), ("BLOCK_H", cfg.BLOCK_H),
+                        ("BLOCK_N", cfg.BLOCK_N), ("HAS_LEN", has_extra), ("HAS_EXTRA", has_extra),
+                        ("HAS_XLEN", has_extra), ("HAS_SINK", has_extra), ("PARTIAL", cfg.SPLIT > 1),
+                        ("IEEE", False), ("WIDE", wide)),
+            options=(("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages)),
+            label=(f"D={dim}{' +extra +sink' if has_extra else ''} BLOCK_H={cfg.BLOCK_H} BLOCK_N={cfg.BLOCK_N} "
+                   f"warps={cfg.num_warps} stages={cfg.num_stages} {'partial' if cfg.SPLIT > 1 else 'final'}"
+                   f"{' int64' if wide else ''}"),
+            expects_dot=True))
+    for sink in (False, True):
+        builds.append(KernelBuild(
+            op="sparse_mla_decode", kernel=_KERNELS + "sparse_mla_reduce_kernel",
+            signature=(("part_out_ptr", "*fp32"), ("part_lse_ptr", "*fp32"), ("sink_ptr", "*fp32"),
+                       ("out_ptr", "*bf16"), ("lse_ptr", "*fp32"), ("num_heads", "i32"), ("d_v", "i32"),
+                       ("out_stride_t", "i32"), ("out_stride_h", "i32"), ("lse_stride", "i32"), ("split", "i32")),
+            constexprs=(("BLOCK_H", REDUCE_BLOCK_H), ("BLOCK_DV", 512), ("HAS_SINK", sink)),
+            options=(("num_warps", 4),), label=f"reduce sink={sink}"))
+    return builds
+
+
+def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfig]:
+    heads, keys, tokens = regime["heads"], regime["keys"], regime["tokens"]
+    cands = []
+    for block_h in (16, 32, 64):
+        if block_h > max(16, next_power_of_2(heads)):
+            continue
+        for block_n in (16, 32, 64):
+            for warps in (4, 8):
+                for stages in (1, 2):
+                    for split in (1, 2, 4, 8, 16, 32):
+                        if split > 1 and (keys // split < 2 * block_n
+                                          or tokens * -(-heads // block_h) * split > 4 * device.limits.compute_units):
+                            continue
+                        cands.append(MlaConfig(block_h, block_n, warps, stages, split))
+    return cands
+
+
+def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Generator):
+    from rocmoe.bench.cases import mla_case
+    from rocmoe.bench.timing import rotating_sets
+    from rocmoe.tune import TuneInputs
+
+    name = {(576, 2048): "dsv32", (512, 640): "dsv4-flash", (512, 1152): "dsv4-pro"}[
+        (regime["head_dim"], regime["keys"])]
+    case = mla_case(name, regime["heads"], regime["tokens"])
+    sets = rotating_sets(device, case.set_bytes)
+    inputs = [case.make_inputs(device, gen) for _ in range(sets)]
+    outputs = [case.make_outputs(inp) for inp in inputs]
+
+    def run(params: MlaConfig, i: int) -> None:
+        inp, out = inputs[i], outputs[i]
+        launch(inp["q"], inp["cache"], inp["indices"], case.extra["scale"], 512, None, None, inp.get("extra_cache"),
+               inp.get("extra_indices"), None, out["out"], out["lse"], params)
+
+    def check(params: MlaConfig) -> bool:
+        outputs[0]["out"].fill_(float("nan"))
+        run(params, 0)
+        return case.check(inputs[0], outputs[0]).ok
+
+    return TuneInputs(sets, run, check)
+
+
+def _tuning():
+    from rocmoe.tune import Tuning
+
+    def regimes(device: Device | None = None):
+        units = (device or Device.current()).limits.compute_units
+        return [{"tokens": t, "heads": h, "keys": topk + extra, "head_dim": dim, "compute_units": units}
+                for _, dim, h, topk, extra in BENCH_SHAPES for t in BENCH_TOKENS]
+
+    def regime_of_shape(shape, device: Device):
+        return {"tokens": shape["tokens"], "heads": shape["heads"], "keys": shape["topk"] + shape["extra_topk"],
+                "head_dim": shape["head_dim"], "compute_units": device.limits.compute_units}
+
+    return Tuning(SPEC, regimes=regimes, candidates=_tune_candidates, make_inputs=_tune_inputs, split_key="tokens",
+                  regime_of_shape=regime_of_shape)
+
+
+TUNING = _tuning()

@@ -1,0 +1,104 @@
+"""The Triton sparse-MLA decode kernel config by config (head blocks, key
+steps, split-key chunks with and without the reduce), interpreter on CPU and
+compiled on a GPU, against the fp64 loop reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import is_poisoned, poison
+from reference import mla_ref
+from rocmoe.backends.triton.sparse_mla_decode import MlaConfig, launch, launch_config, split_dims
+from rocmoe.device import Device
+
+CONFIGS = [
+    MlaConfig(16, 16, 4, 1, 1),
+    MlaConfig(16, 16, 4, 1, 3),   # chunks that end mid-block
+    MlaConfig(32, 32, 4, 1, 4),   # more chunks than some queries have keys
+    MlaConfig(16, 16, 2, 1, 8),
+]
+
+
+def _dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float16
+
+
+def _problem(gen, tokens, heads, dim, topk, extra=0, rows=200, dtype=torch.float16):
+    q = torch.randn(tokens, heads, dim, generator=gen).to(dtype)
+    cache = torch.randn(rows // 8, 8, dim, generator=gen).to(dtype)
+    idx = torch.randint(-1, rows + 3, (tokens, topk), generator=gen, dtype=torch.int32)
+    extra_args = {}
+    if extra:
+        extra_args["extra_kv_cache"] = torch.randn(5, 4, dim, generator=gen).to(dtype)
+        extra_args["extra_indices"] = torch.randint(-1, 22, (tokens, extra), generator=gen, dtype=torch.int32)
+    return q, cache, idx, extra_args
+
+
+def _launch(device, q, cache, idx, d_v, config, scale=0.125, **kw):
+    moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    out = poison(torch.empty(q.shape[0], q.shape[1], d_v, dtype=q.dtype, device=device))
+    lse = poison(torch.empty(q.shape[0], q.shape[1], device=device))
+    launch(q.to(device), cache.to(device), idx.to(device), scale, d_v, moved.get("topk_length"),
+           moved.get("attn_sink"), moved.get("extra_kv_cache"), moved.get("extra_indices"),
+           moved.get("extra_topk_length"), out, lse, config)
+    assert not is_poisoned(out).any() and not is_poisoned(lse).any()
+    return out.cpu(), lse.cpu()
+
+
+def _check(out, lse, q, cache, idx, d_v, scale=0.125, **kw):
+    ref_out, ref_lse = mla_ref(q, cache, idx, scale, d_v, kw.get("topk_length"), kw.get("attn_sink"),
+                               kw.get("extra_kv_cache"), kw.get("extra_indices"), kw.get("extra_topk_length"))
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[~finite] == math.inf).all()
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=1e-3, rtol=0)
+    err = (out.double() - ref_out).norm() / ref_out.norm().clamp(min=1e-30)
+    assert err <= 5e-3, f"rel-L2 {err:.2e}"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=repr)
+@pytest.mark.parametrize("heads, dim, d_v", [(4, 80, 64), (20, 64, 48)])
+def test_configs_with_every_feature(kernel_device, gen, config, heads, dim, d_v):
+    tokens = 5
+    q, cache, idx, extra = _problem(gen, tokens, heads, dim, topk=37, extra=9, dtype=_dtype(kernel_device))
+    kw = dict(extra,
+              topk_length=torch.tensor([37, 0, 20, 1, 36], dtype=torch.int32),
+              extra_topk_length=torch.tensor([9, 3, 0, 0, 5], dtype=torch.int32),
+              attn_sink=torch.randn(heads, generator=gen))
+    idx[3, 0] = -1  # token 3: no key at all (its one slot is empty, its extra keys are cut to 0)
+    out, lse = _launch(kernel_device, q, cache, idx, d_v, config, **kw)
+    _check(out, lse, q, cache, idx, d_v, **kw)
+    assert (out[3] == 0).all() and (lse[3] == math.inf).all()
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2]], ids=repr)
+def test_nan_rows_outside_the_selection(kernel_device, gen, config):
+    q, cache, idx, _ = _problem(gen, 3, 16, 80, topk=24, dtype=_dtype(kernel_device))
+    clean = cache.clone()
+    cache.view(-1, 80)[100:] = float("nan")
+    idx = torch.randint(-1, 100, idx.shape, generator=gen, dtype=torch.int32)
+    length = torch.tensor([24, 10, 3], dtype=torch.int32)
+    idx[1, 10:] = 150  # past topk_length, pointing at NaN rows
+    out, lse = _launch(kernel_device, q, cache, idx, 64, config, topk_length=length)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    _check(out, lse, q, clean, idx, 64, topk_length=length)
+
+
+def test_split_dims():
+    assert split_dims(576) == (512, 64) and split_dims(512) == (512, 0) and split_dims(80) == (64, 16)
+    assert split_dims(96) == (64, 32) and split_dims(100) is None
+
+
+@pytest.mark.parametrize("arch", ["sm90", "gfx942", "gfx950"])
+def test_launch_config_fills_the_device_at_small_batch(arch):
+    device = Device.from_arch(arch)
+    units = device.limits.compute_units
+    for heads, keys in ((128, 2048), (64, 640), (16, 2048)):
+        small = launch_config(device, 1, heads, keys, 576)
+        programs = -(-heads // small.BLOCK_H) * small.SPLIT
+        assert programs >= min(units, keys // (2 * small.BLOCK_N)), (heads, keys, small)
+        big = launch_config(device, 512, heads, keys, 576)
+        assert big.SPLIT == 1  # a full batch fills the device without a reduce

@@ -57,8 +57,9 @@ _every = 64
 
 def _configure(directory: str | os.PathLike | None, every: int | None = None) -> None:
     """(Re)configure the log; tests use this instead of restarting the process."""
-    global _DIR, ENABLED, _every
+    global _DIR, ENABLED, _every, _moe_calls
     _DIR = None if directory is None else str(directory)
+    _moe_calls = 0
     ENABLED = _DIR is not None
     if every is not None:
         _every = max(1, int(every))

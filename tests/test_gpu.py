@@ -170,7 +170,7 @@ def test_shape_log_skips_capture_and_histograms_asynchronously(cuda, tmp_path):
         assert [calls for _, calls in log.shapes("gemma4_routing")] == [1]  # the captured call is not counted
         (moe_shape, _), = log.shapes("mxfp4_moe")
         hist = log.histogram("mxfp4_moe", moe_shape)
-        assert hist[:4] == [1, 2, 0, 1]  # expert 3 idle; experts 1, 2 one token; expert 0 three
+        assert hist[:4] == [1, 2, 1, 0]  # expert 3 idle; experts 1, 2 one token; expert 0 three ([2, 4))
     finally:
         shape_log._configure(None, every=64)
 

@@ -60,3 +60,18 @@ def kernel_device() -> torch.device:
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.fail("no GPU and TRITON_INTERPRET is off: the Triton tests cannot run here")
     return torch.device("cpu")
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, kernel_device):
+    """(name, device) for tests run by every backend: torch on the CPU, triton
+    where its kernels run (the GPU, else the interpreter)."""
+    return request.param, torch.device("cpu") if request.param == "torch" else kernel_device
+
+
+def on_device(device: torch.device):
+    """A function moving tensors to ``device`` and passing anything else through."""
+    def moved(t):
+        return t.to(device) if isinstance(t, torch.Tensor) else t
+
+    return moved

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rocmoe
-from conftest import is_poisoned, poison
+from conftest import is_poisoned, on_device, poison
 from reference import mla_ref
 
 
@@ -21,19 +21,11 @@ def _inputs(gen, tokens=3, heads=4, dim=80, d_v=64, blocks=6, block_size=16, top
     return q, cache, indices, d_v
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, kernel_device):
-    """(name, device): the torch backend on the CPU, triton where its kernels run."""
-    return request.param, torch.device("cpu") if request.param == "torch" else kernel_device
-
-
 def _call(backend, q, cache, indices, *, out=None, lse_out=None, **kwargs):
     """rocmoe.sparse_mla_decode on the backend's device; CPU tensors in and out."""
     name, device = backend
 
-    def moved(t):
-        return t.to(device) if isinstance(t, torch.Tensor) else t
-
+    moved = on_device(device)
     dev_out, dev_lse = moved(out), moved(lse_out)
     got, got_lse = rocmoe.sparse_mla_decode(moved(q), moved(cache), moved(indices), out=dev_out, lse_out=dev_lse,
                                             backend=name, **{k: moved(v) for k, v in kwargs.items()})

@@ -7,26 +7,18 @@ import pytest
 import torch
 
 import rocmoe
-from conftest import is_poisoned, poison
+from conftest import is_poisoned, on_device, poison
 
 
 def _window_ref(lens, topk):
     return [[p for p in range(max(0, min(n, topk)))] + [-1] * (topk - max(0, min(n, topk))) for n in lens]
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, kernel_device):
-    """(name, device): the torch backend on the CPU, triton where its kernels run."""
-    return request.param, torch.device("cpu") if request.param == "torch" else kernel_device
-
-
 def _call(backend, logits, seq_lens, topk, *, out=None, block_table=None, **kwargs):
     """rocmoe.sparse_topk on the backend's device; CPU tensors in and out."""
     name, device = backend
 
-    def moved(t):
-        return None if t is None else t.to(device)
-
+    moved = on_device(device)
     dev_out = moved(out)
     got = rocmoe.sparse_topk(moved(logits), moved(seq_lens), topk, out=dev_out, block_table=moved(block_table),
                              backend=name, **kwargs)

@@ -92,16 +92,11 @@ def _attend(acc, m_i, l_i, q_main, q_tail, cache_ptr, idx_row, length, rows, xca
 
 
 @triton.jit
-def _finish(acc, m_i, l_i, heads, head_ok, sink_ptr, HAS_SINK: tl.constexpr):
-    """Normalised output and natural-log lse; no key: out 0, lse +inf."""
-    lse2 = m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if HAS_SINK:
-        sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0)
-        # exp(lse) / (exp(lse) + exp(sink)) = 1 / (1 + exp(sink - lse)); 0 / 1 stays 0 when lse is +inf
-        out = out / (1.0 + tl.exp2(sink * _LOG2E - lse2))[:, None]
-    lse = tl.where(l_i > 0, lse2 * _LN2, float("inf"))
-    return out, lse
+def _sink_factor(lse2, sink_ptr, heads, head_ok):
+    """exp(lse) / (exp(lse) + exp(sink)) = 1 / (1 + exp(sink - lse)) per head,
+    from the base-2 lse; 0 for a head with no key (lse2 = -inf: its output is 0 anyway)."""
+    sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0)
+    return 1.0 / (1.0 + tl.exp2(sink * _LOG2E - lse2))
 
 
 @triton.jit
@@ -142,21 +137,24 @@ def sparse_mla_decode_kernel(
                             tl.minimum(start + chunk, topk + xtopk), qk_scale, D, D_MAIN, D_TAIL, BLOCK_N,
                             HAS_EXTRA, IEEE, WIDE)
 
+    has_key = l_i > 0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    lse2 = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))
+    out = acc / l_safe[:, None]
     dv_cols = tl.arange(0, D_MAIN)
-    dv_ok = dv_cols < d_v
+    dv_mask = head_ok[:, None] & (dv_cols < d_v)[None, :]
     if not PARTIAL:
-        out, lse = _finish(acc, m_i, l_i, heads, head_ok, sink_ptr, HAS_SINK)
+        if HAS_SINK:
+            out = out * _sink_factor(lse2, sink_ptr, heads, head_ok)[:, None]
         out_rows = out_ptr + t64 * out_stride_t + heads[:, None].to(tl.int64) * out_stride_h
-        tl.store(out_rows + dv_cols[None, :], out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & dv_ok[None, :])
-        tl.store(lse_ptr + t64 * lse_stride + heads, lse, mask=head_ok)
+        tl.store(out_rows + dv_cols[None, :], out.to(out_ptr.dtype.element_ty), mask=dv_mask)
+        tl.store(lse_ptr + t64 * lse_stride + heads, tl.where(has_key, lse2 * _LN2, float("inf")), mask=head_ok)
     else:
         # Partials: [T, SPLIT, H, d_v] fp32 (normalised by this chunk's l) and [T, SPLIT, H] base-2 lse.
         slot = t64 * tl.num_programs(2) + part
-        lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + slot * num_heads + heads, lse2, mask=head_ok)
         part_rows = part_out_ptr + (slot * num_heads + heads[:, None].to(tl.int64)) * d_v
-        tl.store(part_rows + dv_cols[None, :], acc / tl.where(l_i > 0, l_i, 1.0)[:, None],
-                 mask=head_ok[:, None] & dv_ok[None, :])
+        tl.store(part_rows + dv_cols[None, :], out, mask=dv_mask)
 
 
 @triton.jit
@@ -189,8 +187,7 @@ def sparse_mla_reduce_kernel(part_out_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_
     lse2 = m_safe + tl.log2(tl.where(any_key, total, 1.0))
     out = acc / tl.where(any_key, total, 1.0)[:, None]
     if HAS_SINK:
-        sink = tl.load(sink_ptr + heads, mask=head_ok, other=0.0)
-        out = out / (1.0 + tl.exp2(sink * _LOG2E - lse2))[:, None]
+        out = out * _sink_factor(lse2, sink_ptr, heads, head_ok)[:, None]
     out_rows = out_ptr + t64 * out_stride_t + heads[:, None].to(tl.int64) * out_stride_h
     tl.store(out_rows + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & col_ok[None, :])
     tl.store(lse_ptr + t64 * lse_stride + heads, tl.where(any_key, lse2 * _LN2, float("inf")), mask=head_ok)

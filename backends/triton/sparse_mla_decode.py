@@ -96,10 +96,14 @@ SPEC = register_spec(ConfigSpec(
 ))
 
 
+def _regime(device: Device, tokens: int, heads: int, keys: int, head_dim: int) -> dict[str, int]:
+    return {"tokens": tokens, "heads": heads, "keys": keys, "head_dim": head_dim,
+            "compute_units": device.limits.compute_units}
+
+
 def launch_config(device: Device, tokens: int, heads: int, keys: int, head_dim: int) -> MlaConfig:
     """The launch for a live shape: ``keys`` = topk (+ extra topk) per query."""
-    config, _ = SPEC.choose(device, tokens=tokens, heads=heads, keys=keys, head_dim=head_dim,
-                            compute_units=device.limits.compute_units)
+    config, _ = SPEC.choose(device, **_regime(device, tokens, heads, keys, head_dim))
     return config
 
 
@@ -198,18 +202,19 @@ def build_variants(arch: str):
     device = Device.from_arch(arch)
     table = SPEC.table(arch)
     jobs = set()
+    # The extra key set is not offered on CDNA (see not_supported_reasons).
+    extras = (False,) if device.family in _CDNA else (False, True)
     for _, dim, heads, topk, extra in BENCH_SHAPES:
         if extra and device.family in _CDNA:
-            continue  # not offered there (see not_supported_reasons)
-        keys = topk + extra
-        configs = {SPEC.heuristic(device)({"tokens": t, "heads": heads, "keys": keys, "head_dim": dim,
-                                           "compute_units": device.limits.compute_units}) for t in BENCH_TOKENS}
-        if table is not None:
-            configs |= {p for when, p in table.entries
-                        if when.get("heads", (heads, heads))[0] <= heads <= (when.get("heads", (0, None))[1] or heads)
-                        and when.get("head_dim", (dim, dim))[0] == dim}
-        # The split count is a runtime argument: one build per "partial or not".
-        jobs |= {(dim, extra > 0, dataclasses.replace(cfg, SPLIT=min(cfg.SPLIT, 2))) for cfg in configs}
+            continue
+        jobs |= {(dim, extra > 0, SPEC.heuristic(device)(_regime(device, t, heads, topk + extra, dim)))
+                 for t in BENCH_TOKENS}
+    if table is not None:
+        for when, cfg in table.entries:
+            dims = (when["head_dim"][0],) if "head_dim" in when else tuple({dim for _, dim, *_ in BENCH_SHAPES})
+            jobs |= {(dim, has_extra, cfg) for dim in dims for has_extra in extras}
+    # The split count is a runtime argument: one build per "partial or not".
+    jobs = {(dim, has_extra, dataclasses.replace(cfg, SPLIT=min(cfg.SPLIT, 2))) for dim, has_extra, cfg in jobs}
     builds = []
     for (dim, has_extra, cfg), wide in itertools.product(sorted(jobs, key=repr), (False, True)):
         main, tail = split_dims(dim)
@@ -265,8 +270,11 @@ def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Gen
     from rocmoe.bench.timing import rotating_sets
     from rocmoe.tune import TuneInputs
 
-    name = {(576, 2048): "dsv32", (512, 640): "dsv4-flash", (512, 1152): "dsv4-pro"}[
-        (regime["head_dim"], regime["keys"])]
+    name = next((n for n, dim, _, topk, extra in BENCH_SHAPES
+                 if (dim, topk + extra) == (regime["head_dim"], regime["keys"])), None)
+    if name is None:
+        raise ValueError(f"sparse_mla_decode tuning has inputs only for the benchmark models' (D, keys); "
+                         f"got D={regime['head_dim']}, keys={regime['keys']}")
     case = mla_case(name, regime["heads"], regime["tokens"])
     sets = rotating_sets(device, case.set_bytes)
     inputs = [case.make_inputs(device, gen) for _ in range(sets)]
@@ -289,13 +297,13 @@ def _tuning():
     from rocmoe.tune import Tuning
 
     def regimes(device: Device | None = None):
-        units = (device or Device.current()).limits.compute_units
-        return [{"tokens": t, "heads": h, "keys": topk + extra, "head_dim": dim, "compute_units": units}
+        device = device or Device.current()
+        return [_regime(device, t, h, topk + extra, dim)
                 for _, dim, h, topk, extra in BENCH_SHAPES for t in BENCH_TOKENS]
 
     def regime_of_shape(shape, device: Device):
-        return {"tokens": shape["tokens"], "heads": shape["heads"], "keys": shape["topk"] + shape["extra_topk"],
-                "head_dim": shape["head_dim"], "compute_units": device.limits.compute_units}
+        return _regime(device, shape["tokens"], shape["heads"], shape["topk"] + shape["extra_topk"],
+                       shape["head_dim"])
 
     return Tuning(SPEC, regimes=regimes, candidates=_tune_candidates, make_inputs=_tune_inputs, split_key="tokens",
                   regime_of_shape=regime_of_shape)

@@ -43,6 +43,11 @@ class TopkConfig:
     SPLIT: int = 1
     RADIX_BITS: int = 11
 
+    @property
+    def passes(self) -> int:
+        """Histogram passes over a 32-bit key (the kernels' NPASS)."""
+        return -(-32 // self.RADIX_BITS)
+
 
 def _heuristic(warp_size: int, warps: int):
     def choose(regime: Mapping[str, int]) -> TopkConfig:
@@ -90,8 +95,7 @@ def launch_window(seq_lens: torch.Tensor, width: int, topk: int, out: torch.Tens
 def workspace_numel(num_tokens: int, config: TopkConfig) -> int:
     """int32 elements of the split path's workspace: [T, NPASS * BINS]
     histograms, then [T, 2] slot counters, zeroed by one memset."""
-    passes = -(-32 // config.RADIX_BITS)
-    return num_tokens * (passes * (1 << config.RADIX_BITS) + 2)
+    return num_tokens * (config.passes * (1 << config.RADIX_BITS) + 2)
 
 
 def launch_select(logits: torch.Tensor, seq_lens: torch.Tensor, topk: int, out: torch.Tensor,
@@ -116,7 +120,7 @@ def launch_select(logits: torch.Tensor, seq_lens: torch.Tensor, topk: int, out: 
         hist, counts = workspace[:numel - 2 * num_tokens], workspace[numel - 2 * num_tokens:]
         chunk = triton.cdiv(triton.cdiv(width, config.SPLIT), config.BLOCK) * config.BLOCK
         grid = (num_tokens, config.SPLIT)
-        for p in range(-(-32 // config.RADIX_BITS)):
+        for p in range(config.passes):
             sparse_topk_hist_kernel[grid](logits, seq_lens, hist, width, topk, logits.stride(0), chunk,
                                           PASS=p, RADIX_BITS=config.RADIX_BITS, BLOCK=config.BLOCK,
                                           num_warps=config.num_warps)
@@ -126,10 +130,13 @@ def launch_select(logits: torch.Tensor, seq_lens: torch.Tensor, topk: int, out: 
             num_warps=config.num_warps)
 
 
+def _regime(device: Device, num_tokens: int, width: int) -> dict[str, int]:
+    return {"tokens": num_tokens, "seq_len": next_power_of_2(width), "compute_units": device.limits.compute_units}
+
+
 def choose_config(device: Device, num_tokens: int, width: int) -> TopkConfig:
     """The launch config for a live [T, L] call (table, else the family heuristic)."""
-    config, _ = SPEC.choose(device, tokens=num_tokens, seq_len=next_power_of_2(width),
-                            compute_units=device.limits.compute_units)
+    config, _ = SPEC.choose(device, **_regime(device, num_tokens, width))
     return config
 
 
@@ -165,7 +172,7 @@ _KERNELS = "rocmoe.backends.triton._sparse_topk_kernel:"
 
 def _configs_for(arch: str) -> set[TopkConfig]:
     device = Device.from_arch(arch)
-    configs = {choose_config_for(device, tokens, width) for tokens, width in BENCH_SHAPES}
+    configs = {SPEC.heuristic(device)(_regime(device, tokens, width)) for tokens, width in BENCH_SHAPES}
     # One program per row (the tuner's other shape) with each radix width; a
     # 2048-bin histogram needs 8 warps of 64 lanes on CDNA not to spill.
     configs |= {TopkConfig(1024, 8, 1, 11), TopkConfig(1024, 4, 1, 8)}
@@ -173,12 +180,6 @@ def _configs_for(arch: str) -> set[TopkConfig]:
     if table is not None:
         configs |= {params for _, params in table.entries}
     return configs
-
-
-def choose_config_for(device: Device, num_tokens: int, width: int) -> TopkConfig:
-    """The heuristic's choice (what a device with no table runs)."""
-    return SPEC.heuristic(device)({"tokens": num_tokens, "seq_len": next_power_of_2(width),
-                                   "compute_units": device.limits.compute_units})
 
 
 def build_variants(arch: str):
@@ -208,7 +209,7 @@ def build_variants(arch: str):
                                ("logits_stride", "i32"), ("out_stride", "i32"), *table_args),
                     constexprs=(("PAGED", paged), *common), options=options, label=f"{label} paged={paged}"))
             continue
-        for p in range(-(-32 // cfg.RADIX_BITS)):
+        for p in range(cfg.passes):
             builds.append(KernelBuild(
                 op="sparse_topk", kernel=_KERNELS + "sparse_topk_hist_kernel",
                 signature=(("logits_ptr", "*fp32"), ("lens_ptr", "*i32"), ("hist_ptr", "*i32"), ("width", "i32"),
@@ -268,15 +269,14 @@ def _tuning():
     from rocmoe.tune import Tuning
 
     def regimes(device: Device | None = None):
-        units = (device or Device.current()).limits.compute_units
-        return [{"tokens": t, "seq_len": w, "compute_units": units} for t, w in BENCH_SHAPES]
+        device = device or Device.current()
+        return [_regime(device, t, w) for t, w in BENCH_SHAPES]
 
     def regime_of_shape(shape, device: Device):
         # The window-fill calls (no logits, seq_len 0) have nothing to tune.
         if shape.get("seq_len", 0) <= shape.get("topk", 0):
             return None
-        return {"tokens": shape["tokens"], "seq_len": next_power_of_2(shape["seq_len"]),
-                "compute_units": device.limits.compute_units}
+        return _regime(device, shape["tokens"], shape["seq_len"])
 
     return Tuning(SPEC, regimes=regimes, candidates=_tune_candidates, make_inputs=_tune_inputs,
                   split_key="tokens", regime_of_shape=regime_of_shape)

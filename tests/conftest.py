@@ -75,3 +75,33 @@ def on_device(device: torch.device):
         return t.to(device) if isinstance(t, torch.Tensor) else t
 
     return moved
+
+
+def adversarial_routing_logits(case: str, experts: int, gen: torch.Generator) -> torch.Tensor:
+    """fp32 [rows, experts] router logits built to break a top-k: ties, equal
+    rows, signed zeros, infinities (``infinities``: some rows with two +inf,
+    whose softmax is NaN; ``pos_inf``: one +inf per row), huge magnitudes."""
+    if case == "many_ties":
+        return torch.randint(-2, 3, (16, experts), generator=gen).float()
+    if case in ("all_equal", "all_equal_negative"):
+        return torch.full((4, experts), -0.375 if case == "all_equal_negative" else 0.375)
+    if case == "signed_zeros":
+        logits = torch.where(torch.rand(8, experts, generator=gen) < 0.5, -0.0, 0.0)
+        logits[:, ::7] = -1.0
+        return logits
+    if case == "huge":
+        return torch.randn(8, experts, generator=gen) * 1e30
+    logits = torch.randn(8, experts, generator=gen)
+    if case == "infinities":
+        logits[:, ::5] = float("-inf")
+        logits[::2, 3] = float("inf")
+        logits[1::2, 4:6] = float("inf")
+    elif case == "neg_inf":
+        logits[:, ::2] = float("-inf")
+        logits[0, :] = float("-inf")
+        logits[0, 5] = 1.0
+    elif case == "pos_inf":
+        logits[:, 9] = float("inf")
+    else:
+        raise ValueError(f"unknown adversarial case {case!r}")
+    return logits

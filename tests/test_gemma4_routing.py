@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rocmoe
-from conftest import is_poisoned, poison
+from conftest import adversarial_routing_logits, is_poisoned, poison
 from reference import routing_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -46,20 +46,7 @@ def test_bf16_scale_and_strided_rows(gen):
 @pytest.mark.parametrize("case", ["many_ties", "all_equal", "signed_zeros", "infinities", "huge"])
 def test_adversarial_rows(gen, case):
     experts, topk = 64, 8
-    if case == "many_ties":
-        logits = torch.randint(-2, 3, (16, experts), generator=gen).float()
-    elif case == "all_equal":
-        logits = torch.full((4, experts), 0.375)
-    elif case == "signed_zeros":
-        logits = torch.where(torch.rand(8, experts, generator=gen) < 0.5, -0.0, 0.0)
-        logits[:, ::7] = -1.0
-    elif case == "infinities":
-        logits = torch.randn(8, experts, generator=gen)
-        logits[:, ::5] = float("-inf")
-        logits[::2, 3] = float("inf")
-        logits[1::2, 4:6] = float("inf")  # two +inf in one row: their softmax is NaN
-    else:
-        logits = torch.randn(8, experts, generator=gen) * 1e30
+    logits = adversarial_routing_logits(case, experts, gen)
     scale = torch.rand(experts, generator=gen) + 0.5
     w, ids = rocmoe.gemma4_routing(logits, topk, scale)
     ref_w, ref_ids = routing_ref(logits, topk, scale)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 
 from rocmoe import configs
 from rocmoe.backends.triton.gemma4_routing import SPEC, TUNING, RoutingConfig

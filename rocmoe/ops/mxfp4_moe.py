@@ -13,7 +13,7 @@ import torch
 
 from rocmoe import registry, shape_log
 from rocmoe.device import Device
-from rocmoe.ops._validate import check_choice, check_int, check_out, check_tensor
+from rocmoe.ops._validate import check_choice, check_out, check_tensor
 
 __all__ = ["mxfp4_moe", "mxfp4_moe_workspace_size", "Mxfp4MoeWeights", "Mxfp4MoeProblem", "ACTIVATIONS"]
 

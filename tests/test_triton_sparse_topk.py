@@ -98,9 +98,13 @@ def test_strided_rows_and_block_table(kernel_device, gen, config):
                  block_table=table.to(kernel_device), block_size=block_size)
     for t in range(tokens):
         _check_row(logits[t].tolist(), min(max(int(lens[t]), 0), width), topk, positions[t].tolist())
-        for p, s in zip(positions[t].tolist(), slots[t].tolist()):
+        # The split path places winners in slots reserved by atomics, so two
+        # calls may order them differently: compare the converted multisets.
+        want = []
+        for p in positions[t].tolist():
             entry = -1 if p < 0 else int(table[t, p // block_size])
-            assert s == (-1 if entry < 0 else entry * block_size + p % block_size)
+            want.append(-1 if entry < 0 else entry * block_size + p % block_size)
+        assert sorted(slots[t].tolist()) == sorted(want)
 
 
 def test_split_path_zeroes_a_dirty_workspace(kernel_device, gen):

@@ -248,24 +248,28 @@ def build_variants(arch: str):
     return builds
 
 
+# (BLOCK_H, BLOCK_N, warps) that compile without spills for both D = 576 and
+# D = 512 with extra keys on sm90 (probed with build-check); 64-head blocks
+# and 64-key steps spill there.
+_TUNE_SHAPES = ((16, 16, 4), (16, 16, 8), (16, 32, 8), (32, 16, 4), (32, 16, 8), (32, 32, 8))
+
+
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfig]:
     heads, keys, tokens = regime["heads"], regime["keys"], regime["tokens"]
     cands = []
-    for block_h in (16, 32, 64):
+    for block_h, block_n, warps in _TUNE_SHAPES:
         if block_h > max(16, next_power_of_2(heads)):
             continue
-        for block_n in (16, 32, 64):
-            for warps in (4, 8):
-                for stages in (1, 2):
-                    for split in (1, 2, 4, 8, 16, 32):
-                        if split > 1 and (keys // split < 2 * block_n
-                                          or tokens * -(-heads // block_h) * split > 4 * device.limits.compute_units):
-                            continue
-                        cands.append(MlaConfig(block_h, block_n, warps, stages, split))
+        for split in (1, 2, 4, 8, 16, 32):
+            if split > 1 and (keys // split < 2 * block_n
+                              or tokens * -(-heads // block_h) * split > 4 * device.limits.compute_units):
+                continue
+            cands.append(MlaConfig(block_h, block_n, warps, 1, split))
     return cands
 
 
 def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Generator):
+    from rocmoe.backends.torch.sparse_mla_decode import sparse_mla_decode_torch
     from rocmoe.bench.cases import mla_case
     from rocmoe.bench.timing import rotating_sets
     from rocmoe.tune import TuneInputs
@@ -285,10 +289,20 @@ def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Gen
         launch(inp["q"], inp["cache"], inp["indices"], case.extra["scale"], 512, None, None, inp.get("extra_cache"),
                inp.get("extra_indices"), None, out["out"], out["lse"], params)
 
+    # The fp32 reference once per regime, on the device (the bench's fp64 CPU
+    # check per candidate would cost more than the sweep).
+    first = inputs[0]
+    ref_out, ref_lse = sparse_mla_decode_torch(first["q"], first["cache"], first["indices"], case.extra["scale"],
+                                               512, None, None, first.get("extra_cache"), first.get("extra_indices"))
+
     def check(params: MlaConfig) -> bool:
-        outputs[0]["out"].fill_(float("nan"))
+        out, lse = outputs[0]["out"], outputs[0]["lse"]
+        out.fill_(float("nan"))
         run(params, 0)
-        return case.check(inputs[0], outputs[0]).ok
+        got = out.float()
+        return (torch.allclose(got, ref_out, atol=2e-2, rtol=2e-2)
+                and float((got - ref_out).norm() / ref_out.norm()) <= 5e-3
+                and float((lse - ref_lse).abs().max()) <= 1e-3)
 
     return TuneInputs(sets, run, check)
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import is_poisoned, poison
 from reference import mla_ref
-from rocmoe.backends.triton.sparse_mla_decode import MlaConfig, launch, launch_config, split_dims
+from rocmoe.backends.triton.sparse_mla_decode import SPEC, MlaConfig, launch, launch_config, split_dims
 from rocmoe.device import Device
 
 CONFIGS = [
@@ -93,12 +93,25 @@ def test_split_dims():
 
 
 @pytest.mark.parametrize("arch", ["sm90", "gfx942", "gfx950"])
-def test_launch_config_fills_the_device_at_small_batch(arch):
+def test_heuristic_fills_the_device_at_small_batch(arch):
+    # The family heuristic (what a device without a measured table runs; sm90's
+    # table may choose fewer chunks where it measured them faster).
     device = Device.from_arch(arch)
     units = device.limits.compute_units
+    choose = SPEC.heuristic(device)
     for heads, keys in ((128, 2048), (64, 640), (16, 2048)):
-        small = launch_config(device, 1, heads, keys, 576)
+        def config(tokens):
+            return choose({"tokens": tokens, "heads": heads, "keys": keys, "head_dim": 576, "compute_units": units})
+
+        small = config(1)
         programs = -(-heads // small.BLOCK_H) * small.SPLIT
         assert programs >= min(units, keys // (2 * small.BLOCK_N)), (heads, keys, small)
-        big = launch_config(device, 512, heads, keys, 576)
-        assert big.SPLIT == 1  # a full batch fills the device without a reduce
+        assert config(512).SPLIT == 1  # a full batch fills the device without a reduce
+
+
+def test_sm90_launches_come_from_the_measured_table():
+    device = Device.from_arch("sm90")
+    config = launch_config(device, 1, 128, 2048, 576)
+    assert config == SPEC.table("sm90").lookup({"tokens": 1, "heads": 128, "keys": 2048, "head_dim": 576,
+                                                 "compute_units": device.limits.compute_units})
+    assert "sm90.json" in SPEC.source(device)

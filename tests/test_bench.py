@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from reference import moe_ref
 
 from rocmoe.bench import cases
 from rocmoe.bench.report import markdown, plot
@@ -96,3 +97,17 @@ def test_cli_rejects_bad_bench_arguments(capsys):
     assert main(["bench", "--op", "gemma4_routing", "--model", "gpt-oss-20b"]) == 2
     assert "not a benchmark model" in capsys.readouterr().err
     assert main(["bench", "--op", "gemma4_routing", "--compare", "jit"]) == 2
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no _grouped_mm")
+@pytest.mark.parametrize("model", ["gpt-oss-20b", "gemma4-26b-a4b"])
+def test_bf16_grouped_mm_baseline_computes_the_same_moe(gen, model):
+    """The comparison row the MoE benchmark times must be the same layer:
+    against the fp64 token-by-token reference, at bf16 accuracy."""
+    case = cases.moe_case(model, 3)
+    inp = case.make_inputs(torch.device("cpu"), gen)
+    got = case.reference(*case.reference_args(inp))
+    m, w = cases.MOE_MODELS[model], inp["weights"]
+    ref = moe_ref(inp["x"], w.w1_blocks, w.w1_scales, w.w2_blocks, w.w2_scales, w.b1, w.b2, w.gate_up,
+                  inp["topk_weights"], inp["ids"], m.activation, 1.702, m.limit)
+    assert float((got.double() - ref).norm() / ref.norm()) <= 1e-2

@@ -16,6 +16,7 @@ from rocmoe.backends.torch.gemma4_routing import gemma4_routing_torch
 from rocmoe.backends.torch.mxfp4_moe import mxfp4_moe_torch, to_torch_layout
 from rocmoe.backends.torch.sparse_mla_decode import sparse_mla_decode_torch
 from rocmoe.backends.torch.sparse_topk import sparse_topk_torch
+from rocmoe.formats.mxfp4 import dequantize_mxfp4
 from rocmoe.ops import gemma4_routing as routing_op
 from rocmoe.ops import mxfp4_moe as moe_op
 from rocmoe.ops import sparse_mla_decode as mla_op
@@ -61,6 +62,8 @@ class BenchCase:
     reference: Callable[..., Any] | None = None
     reference_args: Callable[[Inputs], tuple] | None = None
     compilable: bool = True
+    #: the comparison rows' name prefix (``<name>-eager``, ``<name>-compile``)
+    reference_name: str = "torch"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -219,6 +222,55 @@ def _uniform_ids(tokens: int, experts: int, topk: int, gen: torch.Generator) -> 
     return torch.rand(tokens, experts, generator=gen).topk(topk, dim=1).indices.int()
 
 
+def bf16_experts(weights: rocmoe.Mxfp4MoeWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's experts dequantised to bf16, expert by expert (a whole-layer
+    dequantisation would need fp32 temporaries of 4x the bf16 size): W1 rows
+    ordered [gate; up] [E, 2I, H], W2 [E, H, I]."""
+    layout = to_torch_layout(weights)
+    w1 = torch.empty(layout.w1_blocks.shape[:2] + (weights.hidden_size,), dtype=torch.bfloat16,
+                     device=weights.device)
+    w2 = torch.empty(layout.w2_blocks.shape[:2] + (weights.intermediate_size,), dtype=torch.bfloat16,
+                     device=weights.device)
+    for e in range(weights.num_experts):
+        w1[e] = dequantize_mxfp4(layout.w1_blocks[e], layout.w1_scales[e])
+        w2[e] = dequantize_mxfp4(layout.w2_blocks[e], layout.w2_scales[e])
+    return w1, w2
+
+
+def moe_bf16_grouped_mm(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b1: torch.Tensor | None,
+                        b2: torch.Tensor | None, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                        activation: str, limit: float | None, alpha: float = 1.702) -> torch.Tensor:
+    """The path a user without MXFP4 kernels takes: the same MoE with bf16
+    weights (``bf16_experts``) through ``torch._grouped_mm``, tokens sorted by
+    expert on the GPU (no host sync, so it can be graph-captured).
+
+    Args: x [M, H] bf16; w1 [E, 2I, H] and w2 [E, H, I] bf16; b1 [E, 2I] / b2
+    [E, H] fp32 or None (b1 in [gate; up] order); topk_weights [M, k] fp32;
+    topk_ids [M, k] int. Returns [M, H] bf16.
+    """
+    from rocmoe.backends.torch.mxfp4_moe import activate
+
+    num_tokens, topk = topk_ids.shape
+    num_experts, inter = w1.shape[0], w2.shape[2]
+    flat = topk_ids.flatten().long()
+    order = torch.argsort(flat, stable=True)
+    experts = flat[order]
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    tokens = order // topk
+    h = torch._grouped_mm(x[tokens], w1.transpose(1, 2), offs=offsets).float()
+    if b1 is not None:
+        h += b1[experts]
+    a = activate(h[:, :inter], h[:, inter:], activation, alpha, limit).to(torch.bfloat16)
+    y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offsets).float()
+    if b2 is not None:
+        y += b2[experts]
+    y *= topk_weights.flatten()[order, None]
+    out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, tokens, y).to(torch.bfloat16)
+
+
 def moe_case(model_name: str, tokens: int) -> BenchCase:
     m = MOE_MODELS[model_name]
 
@@ -237,18 +289,25 @@ def moe_case(model_name: str, tokens: int) -> BenchCase:
 
     def check(inp, out):
         w = inp["weights"]
-        rows = slice(0, min(tokens, 64))  # the fp64 CPU reference is slow; 64 tokens decide
-        cpu = rocmoe.Mxfp4MoeWeights(w.w1_blocks.cpu(), w.w1_scales.cpu(), w.w2_blocks.cpu(), w.w2_scales.cpu(),
-                                     None if w.b1 is None else w.b1.cpu(), None if w.b2 is None else w.b2.cpu(),
-                                     w.gate_up)
-        ref = mxfp4_moe_torch(inp["x"][rows].cpu(), to_torch_layout(cpu), inp["topk_weights"][rows].cpu(),
-                              inp["ids"][rows].cpu(), activation=m.activation, limit=m.limit,
-                              compute_dtype=torch.float64)
+        rows = slice(0, min(tokens, 64))  # 64 tokens decide
+        # The torch backend's computation, where the weights live: fp32 on a GPU
+        # (an fp64 CPU pass over 256 experts of 4096 x 2048 takes minutes), fp64 on the CPU.
+        wide = torch.float64 if w.device.type == "cpu" else torch.float32
+        ref = mxfp4_moe_torch(inp["x"][rows], to_torch_layout(w), inp["topk_weights"][rows], inp["ids"][rows],
+                              activation=m.activation, limit=m.limit, compute_dtype=wide).cpu()
         err = _rel_l2(out["out"][rows], ref)
         return Check(err <= 1e-2, f"rel-L2 {err:.1e}")
 
     def distinct(inp):
         return int(torch.unique(inp["ids"]).numel())
+
+    def reference_args(inp):
+        if "bf16_layer" not in inp:  # built on first use, freed with the input set
+            layout = to_torch_layout(inp["weights"])
+            inp["bf16_layer"] = (*bf16_experts(inp["weights"]), layout.b1 if m.bias else None,
+                                 layout.b2 if m.bias else None)
+        w1, w2, b1, b2 = inp["bf16_layer"]
+        return inp["x"], w1, w2, b1, b2, inp["topk_weights"], inp["ids"], m.activation, m.limit
 
     return BenchCase(
         op="mxfp4_moe", model=model_name, label=f"M={tokens} E={m.experts} k={m.topk} H={m.hidden} I={m.inter}",
@@ -257,7 +316,9 @@ def moe_case(model_name: str, tokens: int) -> BenchCase:
         problem=lambda inp: moe_op._problem(torch.bfloat16, inp["weights"], m.topk, m.activation, False, False),
         bytes_moved=lambda inp: moe_bytes(distinct(inp), m.hidden, m.inter, tokens, m.topk),
         flops=lambda inp: moe_flops(tokens, m.topk, m.hidden, m.inter),
-        check=check, reference=None, compilable=False,
+        check=check, compilable=False,
+        reference=moe_bf16_grouped_mm if hasattr(torch, "_grouped_mm") else None,
+        reference_args=reference_args, reference_name="bf16-grouped-mm",
     )
 
 

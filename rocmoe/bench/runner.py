@@ -151,9 +151,9 @@ def run_bench(device: torch.device, *, ops: list[str], models: list[str] | None 
                 calls = [lambda s=s, fn=fn: fn(*case.reference_args(s)) for s in sets]
                 try:
                     times = _time(calls, device, device.type == "cuda")
-                    rows.append(_row(case, sets[0], f"torch-{mode}", times, ceilings, None))
+                    rows.append(_row(case, sets[0], f"{case.reference_name}-{mode}", times, ceilings, None))
                 except Exception as exc:  # a compile failure is a result to report
-                    rows.append(_row(case, sets[0], f"torch-{mode}", (None, None), ceilings, None,
+                    rows.append(_row(case, sets[0], f"{case.reference_name}-{mode}", (None, None), ceilings, None,
                                      f"failed: {type(exc).__name__}: {str(exc)[:200]}"))
             del sets, outs
             if device.type == "cuda":

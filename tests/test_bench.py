@@ -100,14 +100,22 @@ def test_cli_rejects_bad_bench_arguments(capsys):
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no _grouped_mm")
-@pytest.mark.parametrize("model", ["gpt-oss-20b", "gemma4-26b-a4b"])
-def test_bf16_grouped_mm_baseline_computes_the_same_moe(gen, model):
+@pytest.mark.parametrize("gate_up, activation, limit, bias", [("interleaved", "swigluoai", 7.0, True),
+                                                              ("concatenated", "silu", None, False)])
+def test_bf16_grouped_mm_baseline_computes_the_same_moe(gen, gate_up, activation, limit, bias):
     """The comparison row the MoE benchmark times must be the same layer:
-    against the fp64 token-by-token reference, at bf16 accuracy."""
-    case = cases.moe_case(model, 3)
-    inp = case.make_inputs(torch.device("cpu"), gen)
-    got = case.reference(*case.reference_args(inp))
-    m, w = cases.MOE_MODELS[model], inp["weights"]
-    ref = moe_ref(inp["x"], w.w1_blocks, w.w1_scales, w.w2_blocks, w.w2_scales, w.b1, w.b2, w.gate_up,
-                  inp["topk_weights"], inp["ids"], m.activation, 1.702, m.limit)
+    against the fp64 token-by-token reference, at bf16 accuracy, with an
+    idle expert and a token whose slots share nothing."""
+    from rocmoe.backends.torch.mxfp4_moe import to_torch_layout
+
+    w = cases.random_mxfp4_weights(5, 64, 32, gate_up, bias, torch.device("cpu"), gen)
+    x = torch.randn(7, 64, generator=gen).to(torch.bfloat16)
+    ids = torch.randint(0, 4, (7, 3), generator=gen, dtype=torch.int32)  # expert 4 idle
+    tw = torch.rand(7, 3, generator=gen)
+    w1, w2 = cases.bf16_experts(w)
+    layout = to_torch_layout(w)
+    got = cases.moe_bf16_grouped_mm(x, w1, w2, layout.b1 if bias else None, layout.b2 if bias else None, tw, ids,
+                                    activation, limit)
+    ref = moe_ref(x, w.w1_blocks, w.w1_scales, w.w2_blocks, w.w2_scales, w.b1, w.b2, w.gate_up, tw, ids, activation,
+                  1.702, limit)
     assert float((got.double() - ref).norm() / ref.norm()) <= 1e-2

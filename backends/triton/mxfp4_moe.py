@@ -52,8 +52,8 @@ class MoeConfig:
 
     DECODE: 1 = token-major GEMV kernels, 0 = expert-grouped tiles of BLOCK_M
     rows. ``*1`` fields are GEMM1's (BLOCK_N1 columns of each of gate and up),
-    ``*2`` GEMM2's. ``waves_per_eu`` / ``matrix_instr_nonkdim`` are AMD
-    compiler options (0 = leave to Triton).
+    ``*2`` GEMM2's. ``waves_per_eu`` / ``matrix_instr_nonkdim`` / ``kpack``
+    are AMD compiler options (0 = leave to Triton).
     """
 
     DECODE: int
@@ -68,6 +68,7 @@ class MoeConfig:
     stages2: int
     waves_per_eu: int = 0
     matrix_instr_nonkdim: int = 0
+    kpack: int = 0
 
 
 def _column_block(programs_per_column_block: int, columns: int, units: int, widest: int) -> int:
@@ -209,6 +210,8 @@ def _amd_options(config: MoeConfig) -> dict[str, int]:
         options["waves_per_eu"] = config.waves_per_eu
     if config.matrix_instr_nonkdim:
         options["matrix_instr_nonkdim"] = config.matrix_instr_nonkdim
+    if config.kpack:
+        options["kpack"] = config.kpack
     return options
 
 

@@ -248,3 +248,16 @@ def test_bf16_dequant_bits_match_the_format(kernel_device):
                                    torch.bfloat16)[:, 0].float()
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(BLOCK_M=256), "BLOCK_M=256"), (dict(BLOCK_M=24), "BLOCK_M=24"), (dict(BLOCK_N2=8), "BLOCK_N2=8"),
+    (dict(BLOCK_K1=16), "BLOCK_K1=16"),
+])
+def test_unusable_config_is_refused_before_any_launch(change, message):
+    """A user's table could hold a config the workspace is not sized for."""
+    import dataclasses
+
+    with pytest.raises(ValueError, match=message):
+        triton_moe.check_config(dataclasses.replace(GROUPED, **change))
+    assert triton_moe.check_config(GROUPED) is GROUPED

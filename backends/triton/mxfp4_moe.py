@@ -19,19 +19,20 @@ the k contributions are always summed in slot order in fp32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import triton
+
 from rocmoe.backends.triton import _mxfp4_moe_kernel as kernels
 from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2
-
 from rocmoe.configs import ConfigSpec, register_spec
 from rocmoe.device import Device
 
-__all__ = ["MoeConfig", "TritonMoeWeights", "SPEC", "TUNING", "PASS_TOKENS", "launch", "launch_config",
-           "workspace_bytes", "to_triton_layout", "build_variants", "IMPLEMENTATION"]
+__all__ = ["MoeConfig", "TritonMoeWeights", "SPEC", "TUNING", "PASS_TOKENS", "check_config", "launch",
+           "launch_config", "workspace_bytes", "to_triton_layout", "build_variants", "IMPLEMENTATION"]
 
 #: Tokens per pass of the grouped pipeline: bounds the fp32 per-slot outputs
 #: (PASS_TOKENS * k * H * 4 bytes) and the intermediate, whatever M is.
@@ -215,12 +216,36 @@ def _amd_options(config: MoeConfig) -> dict[str, int]:
     return options
 
 
+@functools.lru_cache(maxsize=None)
+def check_config(config: MoeConfig) -> MoeConfig:
+    """Reject a config the kernels or the workspace layout cannot serve (a
+    user's table could hold one): power-of-two tiles, ``BLOCK_M`` within
+    [16, MAX_BLOCK_M] (the workspace is sized for it), K steps of at least
+    32 (one scale byte per 16 packed bytes)."""
+    def pow2(v: int) -> bool:
+        return v > 0 and v & (v - 1) == 0
+
+    problems = []
+    if not (pow2(config.BLOCK_M) and 16 <= config.BLOCK_M <= MAX_BLOCK_M):
+        problems.append(f"BLOCK_M={config.BLOCK_M} (a power of two in [16, {MAX_BLOCK_M}])")
+    for name in ("BLOCK_N1", "BLOCK_N2"):
+        if not (pow2(getattr(config, name)) and getattr(config, name) >= 16):
+            problems.append(f"{name}={getattr(config, name)} (a power of two >= 16)")
+    for name in ("BLOCK_K1", "BLOCK_K2"):
+        if not (pow2(getattr(config, name)) and getattr(config, name) >= 32):
+            problems.append(f"{name}={getattr(config, name)} (a power of two >= 32)")
+    if problems:
+        raise ValueError(f"mxfp4_moe config {config} is not usable: " + "; ".join(problems))
+    return config
+
+
 def launch(x, weights: TritonMoeWeights, topk_weights, topk_ids, expert_map, activation: str, alpha: float,
            limit: float | None, apply_router_weight_on_input: bool, out, workspace, config: MoeConfig,
            amd: bool = False) -> None:
     """Run the op with an explicit config. ``workspace`` uint8 of at least
     :func:`workspace_bytes` (or None: allocated here, for this call only);
     ``topk_ids`` [M, k] and ``topk_weights`` [M, k] with unit column stride."""
+    check_config(config)
     tokens, topk = topk_ids.shape
     experts, two_inter, half_hidden = weights.w1_blocks.shape
     hidden, inter = half_hidden * 2, two_inter // 2

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from reference import moe_ref
 
+from reference import moe_ref
+from rocmoe.backends.torch.mxfp4_moe import IMPLEMENTATION
 from rocmoe.bench import cases
 from rocmoe.bench.report import markdown, plot
 from rocmoe.bench.runner import run_bench
@@ -106,14 +107,12 @@ def test_bf16_grouped_mm_baseline_computes_the_same_moe(gen, gate_up, activation
     """The comparison row the MoE benchmark times must be the same layer:
     against the fp64 token-by-token reference, at bf16 accuracy, with an
     idle expert and a token whose slots share nothing."""
-    from rocmoe.backends.torch.mxfp4_moe import to_torch_layout
-
     w = cases.random_mxfp4_weights(5, 64, 32, gate_up, bias, torch.device("cpu"), gen)
     x = torch.randn(7, 64, generator=gen).to(torch.bfloat16)
     ids = torch.randint(0, 4, (7, 3), generator=gen, dtype=torch.int32)  # expert 4 idle
     tw = torch.rand(7, 3, generator=gen)
-    w1, w2 = cases.bf16_experts(w)
-    layout = to_torch_layout(w)
+    layout = IMPLEMENTATION.prepare(w)  # the torch backend's layout: W1 rows [gate; up]
+    w1, w2 = cases.bf16_experts(layout)
     got = cases.moe_bf16_grouped_mm(x, w1, w2, layout.b1 if bias else None, layout.b2 if bias else None, tw, ids,
                                     activation, limit)
     ref = moe_ref(x, w.w1_blocks, w.w1_scales, w.w2_blocks, w.w2_scales, w.b1, w.b2, w.gate_up, tw, ids, activation,

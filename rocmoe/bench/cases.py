@@ -13,7 +13,8 @@ import torch
 
 import rocmoe
 from rocmoe.backends.torch.gemma4_routing import gemma4_routing_torch
-from rocmoe.backends.torch.mxfp4_moe import mxfp4_moe_torch, to_torch_layout
+from rocmoe.backends.torch.mxfp4_moe import IMPLEMENTATION as torch_moe
+from rocmoe.backends.torch.mxfp4_moe import TorchMoeWeights, mxfp4_moe_torch
 from rocmoe.backends.torch.sparse_mla_decode import sparse_mla_decode_torch
 from rocmoe.backends.torch.sparse_topk import sparse_topk_torch
 from rocmoe.formats.mxfp4 import dequantize_mxfp4
@@ -222,16 +223,15 @@ def _uniform_ids(tokens: int, experts: int, topk: int, gen: torch.Generator) -> 
     return torch.rand(tokens, experts, generator=gen).topk(topk, dim=1).indices.int()
 
 
-def bf16_experts(weights: rocmoe.Mxfp4MoeWeights) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's experts dequantised to bf16, expert by expert (a whole-layer
-    dequantisation would need fp32 temporaries of 4x the bf16 size): W1 rows
-    ordered [gate; up] [E, 2I, H], W2 [E, H, I]."""
-    layout = to_torch_layout(weights)
-    w1 = torch.empty(layout.w1_blocks.shape[:2] + (weights.hidden_size,), dtype=torch.bfloat16,
-                     device=weights.device)
-    w2 = torch.empty(layout.w2_blocks.shape[:2] + (weights.intermediate_size,), dtype=torch.bfloat16,
-                     device=weights.device)
-    for e in range(weights.num_experts):
+def bf16_experts(layout: TorchMoeWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's experts (in the torch backend's layout) dequantised to bf16,
+    expert by expert (a whole-layer dequantisation would need fp32 temporaries
+    of 4x the bf16 size): W1 rows ordered [gate; up] [E, 2I, H], W2 [E, H, I]."""
+    num_experts, two_i, half_h = layout.w1_blocks.shape
+    device = layout.w1_blocks.device
+    w1 = torch.empty(num_experts, two_i, 2 * half_h, dtype=torch.bfloat16, device=device)
+    w2 = torch.empty(num_experts, 2 * half_h, two_i // 2, dtype=torch.bfloat16, device=device)
+    for e in range(num_experts):
         w1[e] = dequantize_mxfp4(layout.w1_blocks[e], layout.w1_scales[e])
         w2[e] = dequantize_mxfp4(layout.w2_blocks[e], layout.w2_scales[e])
     return w1, w2
@@ -293,7 +293,7 @@ def moe_case(model_name: str, tokens: int) -> BenchCase:
         # The torch backend's computation, where the weights live: fp32 on a GPU
         # (an fp64 CPU pass over 256 experts of 4096 x 2048 takes minutes), fp64 on the CPU.
         wide = torch.float64 if w.device.type == "cpu" else torch.float32
-        ref = mxfp4_moe_torch(inp["x"][rows], to_torch_layout(w), inp["topk_weights"][rows], inp["ids"][rows],
+        ref = mxfp4_moe_torch(inp["x"][rows], torch_moe.prepare(w), inp["topk_weights"][rows], inp["ids"][rows],
                               activation=m.activation, limit=m.limit, compute_dtype=wide).cpu()
         err = _rel_l2(out["out"][rows], ref)
         return Check(err <= 1e-2, f"rel-L2 {err:.1e}")
@@ -303,9 +303,8 @@ def moe_case(model_name: str, tokens: int) -> BenchCase:
 
     def reference_args(inp):
         if "bf16_layer" not in inp:  # built on first use, freed with the input set
-            layout = to_torch_layout(inp["weights"])
-            inp["bf16_layer"] = (*bf16_experts(inp["weights"]), layout.b1 if m.bias else None,
-                                 layout.b2 if m.bias else None)
+            layout = torch_moe.prepare(inp["weights"])
+            inp["bf16_layer"] = (*bf16_experts(layout), layout.b1 if m.bias else None, layout.b2 if m.bias else None)
         w1, w2, b1, b2 = inp["bf16_layer"]
         return inp["x"], w1, w2, b1, b2, inp["topk_weights"], inp["ids"], m.activation, m.limit
 

@@ -15,7 +15,7 @@ import torch
 from rocmoe.backends.torch._base import TorchOp, refuse_graph_capture
 from rocmoe.formats.mxfp4 import dequantize_mxfp4
 
-__all__ = ["TorchMoeWeights", "gate_up_halves", "to_torch_layout", "mxfp4_moe_torch", "IMPLEMENTATION"]
+__all__ = ["TorchMoeWeights", "to_torch_layout", "mxfp4_moe_torch", "IMPLEMENTATION"]
 
 
 @dataclass(frozen=True)
@@ -35,29 +35,19 @@ class TorchMoeWeights:
         return self.w1_blocks.shape[1] // 2
 
 
-def gate_up_halves(weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """W1 blocks, scales and b1 (None when absent) with rows ordered [gate; up]:
-    gpt-oss's interleaved rows de-interleaved, concatenated ones as they are.
-    Shared by every backend that wants the halves apart."""
-    w1_blocks, w1_scales, b1 = weights.w1_blocks, weights.w1_scales, weights.b1
-    if weights.gate_up == "interleaved":
-        two_i = w1_blocks.shape[1]
-        rows = torch.cat((torch.arange(0, two_i, 2), torch.arange(1, two_i, 2))).to(weights.device)
-        w1_blocks, w1_scales = w1_blocks[:, rows], w1_scales[:, rows]
-        b1 = b1[:, rows] if b1 is not None else None
-    return w1_blocks.contiguous(), w1_scales.contiguous(), None if b1 is None else b1.contiguous()
-
-
 def to_torch_layout(weights) -> TorchMoeWeights:
     """Mxfp4MoeWeights -> TorchMoeWeights (gpt-oss's interleaved rows de-interleaved once)."""
     num_experts, two_i = weights.w1_blocks.shape[:2]
     device = weights.device
-    w1_blocks, w1_scales, b1 = gate_up_halves(weights)
-    b1 = b1.float() if b1 is not None else torch.zeros(num_experts, two_i, device=device)
+    b1 = weights.b1.float() if weights.b1 is not None else torch.zeros(num_experts, two_i, device=device)
     b2 = (weights.b2.float() if weights.b2 is not None
           else torch.zeros(num_experts, weights.hidden_size, device=device))
-    return TorchMoeWeights(w1_blocks, w1_scales, weights.w2_blocks, weights.w2_scales, b1.contiguous(),
-                           b2.contiguous())
+    w1_blocks, w1_scales = weights.w1_blocks, weights.w1_scales
+    if weights.gate_up == "interleaved":
+        rows = torch.cat((torch.arange(0, two_i, 2), torch.arange(1, two_i, 2))).to(device)
+        w1_blocks, w1_scales, b1 = w1_blocks[:, rows], w1_scales[:, rows], b1[:, rows]
+    return TorchMoeWeights(w1_blocks.contiguous(), w1_scales.contiguous(), weights.w2_blocks,
+                           weights.w2_scales, b1.contiguous(), b2.contiguous())
 
 
 def activate(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float,

@@ -85,33 +85,27 @@ def _dequant(packed, scale, BLOCK_KH: tl.constexpr, BLOCK_N: tl.constexpr, K_MAJ
 
 
 @triton.jit
-def _mxfp4_tile_kn(blocks_ptr, scales_ptr, rows, row_ok, byte0, BLOCK_KH: tl.constexpr, row_bytes,
-                   row_scales, k_bytes, dtype: tl.constexpr):
-    """Dequantised W[rows, 2*byte0 : 2*byte0 + 2*BLOCK_KH] as (even, odd)
-    tiles of ``dtype`` [BLOCK_KH, len(rows)], K-major (a dot's right operand).
-    One scale byte is loaded per 16 packed bytes."""
+def _mxfp4_tile(blocks_ptr, scales_ptr, rows, row_ok, byte0, k_bytes, BLOCK_KH: tl.constexpr,
+                K_MAJOR: tl.constexpr, dtype: tl.constexpr):
+    """Dequantised W[rows, 2*byte0 : 2*byte0 + 2*BLOCK_KH] of one expert's
+    [N, K/2] packed bytes and [N, K/32] scales (``k_bytes`` = K/2) as (even,
+    odd) tiles of ``dtype``: [BLOCK_KH, len(rows)] when K_MAJOR (a dot's right
+    operand), else [len(rows), BLOCK_KH]. One scale byte is loaded per 16
+    packed bytes."""
     BLOCK_N: tl.constexpr = rows.shape[0]
     kb = byte0 + tl.arange(0, BLOCK_KH)
-    ok = row_ok[None, :] & (kb < k_bytes)[:, None]
-    packed = tl.load(blocks_ptr + rows[None, :] * row_bytes + kb[:, None], mask=ok, other=0).to(tl.int32)
     ks = byte0 // 16 + tl.arange(0, BLOCK_KH // 16)
-    scale = tl.load(scales_ptr + rows[None, :] * row_scales + ks[:, None],
-                    mask=row_ok[None, :] & (ks < k_bytes // 16)[:, None], other=127)
-    return _dequant(packed, scale.to(tl.int32), BLOCK_KH, BLOCK_N, True, dtype)
-
-
-@triton.jit
-def _mxfp4_tile_nk(blocks_ptr, scales_ptr, rows, row_ok, byte0, BLOCK_KH: tl.constexpr, row_bytes,
-                   row_scales, k_bytes, dtype: tl.constexpr):
-    """As :func:`_mxfp4_tile_kn`, N-major: tiles [len(rows), BLOCK_KH]."""
-    BLOCK_N: tl.constexpr = rows.shape[0]
-    kb = byte0 + tl.arange(0, BLOCK_KH)
-    ok = row_ok[:, None] & (kb < k_bytes)[None, :]
-    packed = tl.load(blocks_ptr + rows[:, None] * row_bytes + kb[None, :], mask=ok, other=0).to(tl.int32)
-    ks = byte0 // 16 + tl.arange(0, BLOCK_KH // 16)
-    scale = tl.load(scales_ptr + rows[:, None] * row_scales + ks[None, :],
-                    mask=row_ok[:, None] & (ks < k_bytes // 16)[None, :], other=127)
-    return _dequant(packed, scale.to(tl.int32), BLOCK_KH, BLOCK_N, False, dtype)
+    if K_MAJOR:
+        packed = tl.load(blocks_ptr + rows[None, :] * k_bytes + kb[:, None],
+                         mask=row_ok[None, :] & (kb < k_bytes)[:, None], other=0)
+        scale = tl.load(scales_ptr + rows[None, :] * (k_bytes // 16) + ks[:, None],
+                        mask=row_ok[None, :] & (ks < k_bytes // 16)[:, None], other=127)
+    else:
+        packed = tl.load(blocks_ptr + rows[:, None] * k_bytes + kb[None, :],
+                         mask=row_ok[:, None] & (kb < k_bytes)[None, :], other=0)
+        scale = tl.load(scales_ptr + rows[:, None] * (k_bytes // 16) + ks[None, :],
+                        mask=row_ok[:, None] & (ks < k_bytes // 16)[None, :], other=127)
+    return _dequant(packed.to(tl.int32), scale.to(tl.int32), BLOCK_KH, BLOCK_N, K_MAJOR, dtype)
 
 
 @triton.jit
@@ -272,8 +266,7 @@ def moe_grouped_gemm1_kernel(
         if WEIGHT_ON_INPUT:
             x_even = (x_even.to(tl.float32) * row_scale[:, None]).to(dtype)
             x_odd = (x_odd.to(tl.float32) * row_scale[:, None]).to(dtype)
-        w_even, w_odd = _mxfp4_tile_kn(blocks_base, scales_base, n2, n2_ok, byte0, BLOCK_K // 2, half_k,
-                                       hidden // 32, half_k, dtype)
+        w_even, w_odd = _mxfp4_tile(blocks_base, scales_base, n2, n2_ok, byte0, half_k, BLOCK_K // 2, True, dtype)
         acc = tl.dot(x_even, w_even, acc)
         acc = tl.dot(x_odd, w_odd, acc)
     if HAS_BIAS:
@@ -310,8 +303,7 @@ def moe_grouped_gemm2_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for byte0 in range(0, half_k, BLOCK_K // 2):
         a_even, a_odd = _even_odd(inter_ptr, a_rows, row_ok, byte0, BLOCK_K // 2, half_k)
-        w_even, w_odd = _mxfp4_tile_kn(blocks_base, scales_base, n, n_ok, byte0, BLOCK_K // 2, half_k,
-                                       inter // 32, half_k, dtype)
+        w_even, w_odd = _mxfp4_tile(blocks_base, scales_base, n, n_ok, byte0, half_k, BLOCK_K // 2, True, dtype)
         acc = tl.dot(a_even, w_even, acc)
         acc = tl.dot(a_odd, w_odd, acc)
     if HAS_BIAS:
@@ -377,8 +369,7 @@ def moe_decode_gemm1_kernel(
             row_scale = tl.load(router_w_ptr + slot)
             x_even = (x_even.to(tl.float32) * row_scale).to(dtype)
             x_odd = (x_odd.to(tl.float32) * row_scale).to(dtype)
-        w_even, w_odd = _mxfp4_tile_nk(blocks_base, scales_base, n2, n2_ok, byte0, BLOCK_K // 2, half_k,
-                                       hidden // 32, half_k, dtype)
+        w_even, w_odd = _mxfp4_tile(blocks_base, scales_base, n2, n2_ok, byte0, half_k, BLOCK_K // 2, False, dtype)
         acc += w_even.to(tl.float32) * x_even.to(tl.float32) + w_odd.to(tl.float32) * x_odd.to(tl.float32)
     h = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -416,8 +407,8 @@ def moe_decode_gemm2_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
     for byte0 in range(0, half_k, BLOCK_K // 2):
         a_even, a_odd = _even_odd(inter_ptr, a_row, a_ok, byte0, BLOCK_K // 2, half_k)
-        w_even, w_odd = _mxfp4_tile_nk(blocks_base, scales_base, n, n_ok, byte0, BLOCK_K // 2, half_k,
-                                       inter // 32, half_k, inter_ptr.dtype.element_ty)
+        w_even, w_odd = _mxfp4_tile(blocks_base, scales_base, n, n_ok, byte0, half_k, BLOCK_K // 2, False,
+                                    inter_ptr.dtype.element_ty)
         acc += w_even.to(tl.float32) * a_even.to(tl.float32) + w_odd.to(tl.float32) * a_odd.to(tl.float32)
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:

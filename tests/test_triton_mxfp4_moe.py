@@ -41,6 +41,13 @@ def _distinct_ids(gen, tokens, topk, experts):
     return torch.stack([torch.randperm(experts, generator=gen)[:topk] for _ in range(tokens)]).int()
 
 
+def _tokens(gen, device, tokens, topk, experts, scale=1.0):
+    """(x [tokens, H] of the device's activation dtype, router weights, ids of
+    k distinct experts per token), on the CPU."""
+    x = (torch.randn(tokens, H, generator=gen) * scale).to(_activation_dtype(device))
+    return x, torch.rand(tokens, topk, generator=gen), _distinct_ids(gen, tokens, topk, experts)
+
+
 def _run(device, parts, gate_up, x, tw, ids, config, activation="swigluoai", alpha=1.702, limit=7.0,
          expert_map=None, on_input=False, workspace=None):
     on = [None if t is None else t.to(device) for t in parts]
@@ -69,10 +76,7 @@ def _check(got, x, parts, gate_up, tw, ids, activation="swigluoai", alpha=1.702,
 def test_matches_reference(kernel_device, gen, config, gate_up, activation, limit, bias):
     experts, tokens, topk = 6, 7, 3
     parts = _weights(gen, experts, gate_up, bias)
-    dtype = _activation_dtype(kernel_device)
-    x = (torch.randn(tokens, H, generator=gen) * 3).to(dtype)  # large enough to reach the clamp
-    tw = torch.rand(tokens, topk, generator=gen)
-    ids = _distinct_ids(gen, tokens, topk, experts)
+    x, tw, ids = _tokens(gen, kernel_device, tokens, topk, experts, scale=3)  # large enough to reach the clamp
     got = _run(kernel_device, parts, gate_up, x, tw, ids, config, activation, 1.3, limit)
     _check(got, x, parts, gate_up, tw, ids, activation, 1.3, limit)
 
@@ -130,13 +134,11 @@ def test_passes_and_metadata_chunks(kernel_device, gen, monkeypatch):
     caller workspace sized by workspace_bytes: same result as one pass."""
     experts, tokens, topk = 5, 23, 3
     parts = _weights(gen, experts)
-    ids = _distinct_ids(gen, tokens, topk, experts)
-    tw = torch.rand(tokens, topk, generator=gen)
-    x = torch.randn(tokens, H, generator=gen).to(_activation_dtype(kernel_device))
+    x, tw, ids = _tokens(gen, kernel_device, tokens, topk, experts)
     whole = _run(kernel_device, parts, "interleaved", x, tw, ids, GROUPED)
     monkeypatch.setattr(triton_moe, "PASS_TOKENS", 8)
     monkeypatch.setattr(triton_moe, "METADATA_CHUNK", 16)
-    need = workspace_bytes(tokens, topk, experts, H, I, x.element_size())
+    need = workspace_bytes(tokens, topk, experts, H, I, x.dtype)
     workspace = torch.full((need,), 0xFF, dtype=torch.uint8, device=kernel_device)
     passes = _run(kernel_device, parts, "interleaved", x, tw, ids, GROUPED, workspace=workspace)
     assert torch.equal(passes, whole)
@@ -147,9 +149,7 @@ def test_passes_and_metadata_chunks(kernel_device, gen, monkeypatch):
 def test_bitwise_reproducible(kernel_device, gen, config):
     experts, tokens, topk = 4, 12, 4
     parts = _weights(gen, experts)
-    ids = _distinct_ids(gen, tokens, topk, experts)
-    tw = torch.rand(tokens, topk, generator=gen)
-    x = torch.randn(tokens, H, generator=gen).to(_activation_dtype(kernel_device))
+    x, tw, ids = _tokens(gen, kernel_device, tokens, topk, experts)
     first = _run(kernel_device, parts, "interleaved", x, tw, ids, config)
     assert torch.equal(first, _run(kernel_device, parts, "interleaved", x, tw, ids, config))
 
@@ -208,13 +208,10 @@ def test_public_op_runs_triton_and_uses_caller_buffers(kernel_device, gen):
     weights = rocmoe.Mxfp4MoeWeights(w1b, w1s, w2b, w2s, b1=b1, b2=b2)
     assert weights.prepare(topk=topk, backend="triton") == "triton"
     converted = weights._converted["triton"]
-    dtype = _activation_dtype(kernel_device)
-    x = torch.randn(tokens, H, generator=gen).to(dtype).to(kernel_device)
-    tw = torch.rand(tokens, topk, generator=gen).to(kernel_device)
-    ids = _distinct_ids(gen, tokens, topk, experts).to(kernel_device)
-    need = rocmoe.mxfp4_moe_workspace_size(tokens, topk, weights, x_dtype=dtype, backend="triton")
+    x, tw, ids = (t.to(kernel_device) for t in _tokens(gen, kernel_device, tokens, topk, experts))
+    need = rocmoe.mxfp4_moe_workspace_size(tokens, topk, weights, x_dtype=x.dtype, backend="triton")
     workspace = torch.full((need,), 0xFF, dtype=torch.uint8, device=kernel_device)
-    out = poison(torch.empty(tokens, H, dtype=dtype, device=kernel_device))
+    out = poison(torch.empty_like(x))
     got = rocmoe.mxfp4_moe(x, weights, tw, ids, out=out, workspace=workspace, backend="triton")
     assert got is out and not is_poisoned(out).any()
     assert weights._converted["triton"] is converted

@@ -144,6 +144,18 @@ class TritonMoeWeights:
     b1: torch.Tensor | None  # fp32 [E, 2I]
     b2: torch.Tensor | None  # fp32 [E, H]
 
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(E, H, I)."""
+        experts, two_inter, half_hidden = self.w1_blocks.shape
+        return experts, half_hidden * 2, two_inter // 2
+
+    def bias_args(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """b1 and b2 as kernel arguments: a bias that is absent is never read
+        (HAS_BIAS is off), so any tensor stands in for its pointer."""
+        return (self.b1 if self.b1 is not None else self.w1_blocks,
+                self.b2 if self.b2 is not None else self.w2_blocks)
+
 
 def to_triton_layout(weights) -> TritonMoeWeights:
     """Mxfp4MoeWeights -> TritonMoeWeights; run once per weights object."""
@@ -167,37 +179,44 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def _grouped_regions(slots: int, experts: int, hidden: int, inter: int, x_elem: int) -> list[tuple[str, int, int]]:
-    """(name, elements, element bytes) of one grouped pass of ``slots`` slots."""
+_METADATA = ("counts", "bases", "expert_rows", "first_block", "sorted_slots", "block_expert")
+
+
+def _grouped_regions(slots: int, experts: int, hidden: int, inter: int,
+                     x_dtype: torch.dtype) -> list[tuple[str, int, torch.dtype]]:
+    """(name, elements, dtype) of one grouped pass of ``slots`` slots."""
     chunks = -(-slots // METADATA_CHUNK)
     e_pad = next_power_of_2(experts + 1)
     rows = slots + min(experts, slots) * (MAX_BLOCK_M - 1)
-    return [("counts", chunks * e_pad, 4), ("bases", chunks * e_pad, 4), ("expert_rows", e_pad, 4),
-            ("first_block", e_pad, 4), ("sorted_slots", rows, 4), ("block_expert", -(-rows // 16), 4),
-            ("inter", rows * inter, x_elem), ("contrib", slots * hidden, 4)]
+    sizes = (chunks * e_pad, chunks * e_pad, e_pad, e_pad, rows, -(-rows // 16))
+    return [*((name, n, torch.int32) for name, n in zip(_METADATA, sizes)),
+            ("inter", rows * inter, x_dtype), ("contrib", slots * hidden, torch.float32)]
 
 
-def _decode_regions(slots: int, hidden: int, inter: int, x_elem: int) -> list[tuple[str, int, int]]:
-    return [("inter", slots * inter, x_elem), ("contrib", slots * hidden, 4)]
+def _decode_regions(slots: int, hidden: int, inter: int,
+                    x_dtype: torch.dtype) -> list[tuple[str, int, torch.dtype]]:
+    return [("inter", slots * inter, x_dtype), ("contrib", slots * hidden, torch.float32)]
 
 
 def _bytes(regions) -> int:
-    return sum(_aligned(n * elem) for _, n, elem in regions)
+    return sum(_aligned(n * dtype.itemsize) for _, n, dtype in regions)
 
 
-def workspace_bytes(tokens: int, topk: int, experts: int, hidden: int, inter: int, x_elem: int = 2) -> int:
+def workspace_bytes(tokens: int, topk: int, experts: int, hidden: int, inter: int,
+                    x_dtype: torch.dtype = torch.bfloat16) -> int:
     """Workspace bytes for up to ``tokens`` tokens, whichever pipeline runs;
     non-decreasing in ``tokens``."""
     slots = min(tokens, PASS_TOKENS) * topk
-    return max(_bytes(_grouped_regions(slots, experts, hidden, inter, x_elem)),
-               _bytes(_decode_regions(slots, hidden, inter, x_elem)))
+    return max(_bytes(_grouped_regions(slots, experts, hidden, inter, x_dtype)),
+               _bytes(_decode_regions(slots, hidden, inter, x_dtype)))
 
 
-def _carve(workspace: torch.Tensor, regions, dtypes: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
+def _carve(workspace: torch.Tensor, regions) -> dict[str, torch.Tensor]:
+    """``workspace`` split into the regions' typed views, each 256-byte aligned."""
     views, offset = {}, 0
-    for name, numel, elem in regions:
-        views[name] = workspace[offset:offset + numel * elem].view(dtypes[name])
-        offset += _aligned(numel * elem)
+    for name, numel, dtype in regions:
+        views[name] = workspace[offset:offset + numel * dtype.itemsize].view(dtype)
+        offset += _aligned(numel * dtype.itemsize)
     return views
 
 
@@ -247,60 +266,52 @@ def launch(x, weights: TritonMoeWeights, topk_weights, topk_ids, expert_map, act
     ``topk_ids`` [M, k] and ``topk_weights`` [M, k] with unit column stride."""
     check_config(config)
     tokens, topk = topk_ids.shape
-    experts, two_inter, half_hidden = weights.w1_blocks.shape
-    hidden, inter = half_hidden * 2, two_inter // 2
+    experts, hidden, inter = weights.dims
+    has_map = expert_map is not None
     common = dict(
         activation=_ACTIVATION_CODES[activation], alpha=float(alpha), limit=float(limit or 0.0),
-        has_limit=limit is not None, on_input=bool(apply_router_weight_on_input),
-        expert_map=expert_map, num_global=expert_map.shape[0] if expert_map is not None else experts,
+        has_limit=limit is not None, on_input=bool(apply_router_weight_on_input), has_map=has_map,
+        # Without a map the kernels never read it; the ids stand in for the pointer.
+        map_ptr=expert_map if has_map else topk_ids, num_global=expert_map.shape[0] if has_map else experts,
         options=_amd_options(config) if amd else {},
     )
     with launch_device(x):
         if config.DECODE:
-            regions = _decode_regions(tokens * topk, hidden, inter, x.element_size())
+            regions = _decode_regions(tokens * topk, hidden, inter, x.dtype)
             if workspace is None:
                 workspace = torch.empty(_bytes(regions), dtype=torch.uint8, device=x.device)
-            views = _carve(workspace, regions, {"inter": x.dtype, "contrib": torch.float32})
-            _launch_decode(x, weights, topk_weights, topk_ids, out, views, config, **common)
+            _launch_decode(x, weights, topk_weights, topk_ids, out, _carve(workspace, regions), config, **common)
             return
         if workspace is None:  # the first pass is the largest
-            first = _grouped_regions(min(tokens, PASS_TOKENS) * topk, experts, hidden, inter, x.element_size())
+            first = _grouped_regions(min(tokens, PASS_TOKENS) * topk, experts, hidden, inter, x.dtype)
             workspace = torch.empty(_bytes(first), dtype=torch.uint8, device=x.device)
-        dtypes = {"inter": x.dtype, "contrib": torch.float32} | {
-            name: torch.int32 for name in ("counts", "bases", "expert_rows", "first_block", "sorted_slots",
-                                           "block_expert")}
         for start in range(0, tokens, PASS_TOKENS):
             stop = min(tokens, start + PASS_TOKENS)
-            regions = _grouped_regions((stop - start) * topk, experts, hidden, inter, x.element_size())
-            views = _carve(workspace, regions, dtypes)
+            regions = _grouped_regions((stop - start) * topk, experts, hidden, inter, x.dtype)
             _launch_grouped(x[start:stop], weights, topk_weights[start:stop], topk_ids[start:stop],
-                            out[start:stop], views, config, **common)
+                            out[start:stop], _carve(workspace, regions), config, **common)
 
 
 def _launch_decode(x, w: TritonMoeWeights, topk_weights, topk_ids, out, views, config: MoeConfig, *,
-                   activation, alpha, limit, has_limit, on_input, expert_map, num_global, options) -> None:
+                   activation, alpha, limit, has_limit, on_input, has_map, map_ptr, num_global, options) -> None:
     tokens, topk = topk_ids.shape
-    experts, two_inter, half_hidden = w.w1_blocks.shape
-    hidden, inter = half_hidden * 2, two_inter // 2
-    map_ptr = expert_map if expert_map is not None else topk_ids
-    b1 = w.b1 if w.b1 is not None else w.w1_blocks
-    b2 = w.b2 if w.b2 is not None else w.w2_blocks
+    experts, hidden, inter = w.dims
+    b1, b2 = w.bias_args()
     kernels.moe_decode_gemm1_kernel[(triton.cdiv(inter, config.BLOCK_N1), tokens * topk)](
         x, x.stride(0), topk_weights, topk_ids, topk_ids.stride(0), map_ptr, w.w1_blocks, w.w1_scales, b1,
         views["inter"], hidden, inter, num_global, experts, alpha, limit,
-        TOPK=topk, HAS_MAP=expert_map is not None, ACTIVATION=activation, HAS_LIMIT=has_limit,
+        TOPK=topk, HAS_MAP=has_map, ACTIVATION=activation, HAS_LIMIT=has_limit,
         HAS_BIAS=w.b1 is not None, WEIGHT_ON_INPUT=on_input, BLOCK_N=config.BLOCK_N1, BLOCK_K=config.BLOCK_K1,
         num_warps=config.warps1, num_stages=config.stages1, **options,
     )
     kernels.moe_decode_gemm2_kernel[(triton.cdiv(hidden, config.BLOCK_N2), tokens * topk)](
         views["inter"], topk_ids, topk_ids.stride(0), map_ptr, w.w2_blocks, w.w2_scales, b2, views["contrib"],
         hidden, inter, num_global, experts,
-        TOPK=topk, HAS_MAP=expert_map is not None, HAS_BIAS=w.b2 is not None,
+        TOPK=topk, HAS_MAP=has_map, HAS_BIAS=w.b2 is not None,
         BLOCK_N=config.BLOCK_N2, BLOCK_K=config.BLOCK_K2, num_warps=config.warps2, num_stages=config.stages2,
         **options,
     )
-    _launch_combine(views["contrib"], topk_weights, topk_ids, map_ptr, expert_map is not None, num_global,
-                    experts, on_input, out)
+    _launch_combine(views["contrib"], topk_weights, topk_ids, map_ptr, has_map, num_global, experts, on_input, out)
 
 
 def _launch_combine(contrib, topk_weights, topk_ids, map_ptr, has_map: bool, num_global: int, experts: int,
@@ -320,17 +331,13 @@ def grouped_grid_rows(slots: int, experts: int, block_m: int) -> int:
 
 
 def _launch_grouped(x, w: TritonMoeWeights, topk_weights, topk_ids, out, views, config: MoeConfig, *,
-                    activation, alpha, limit, has_limit, on_input, expert_map, num_global, options) -> None:
+                    activation, alpha, limit, has_limit, on_input, has_map, map_ptr, num_global, options) -> None:
     tokens, topk = topk_ids.shape
-    experts, two_inter, half_hidden = w.w1_blocks.shape
-    hidden, inter = half_hidden * 2, two_inter // 2
+    experts, hidden, inter = w.dims
     slots = tokens * topk
     chunks = triton.cdiv(slots, METADATA_CHUNK)
     e_pad = next_power_of_2(experts + 1)
-    has_map = expert_map is not None
-    map_ptr = expert_map if has_map else topk_ids
-    b1 = w.b1 if w.b1 is not None else w.w1_blocks
-    b2 = w.b2 if w.b2 is not None else w.w2_blocks
+    b1, b2 = w.bias_args()
     block_m = config.BLOCK_M
     kernels.moe_count_kernel[(chunks,)](
         topk_ids, topk_ids.stride(0), map_ptr, views["counts"], slots, num_global, experts,
@@ -373,7 +380,7 @@ class TritonMxfp4Moe(TritonOp):
 
     def workspace_bytes(self, problem, num_tokens: int) -> int:
         return workspace_bytes(num_tokens, problem.topk, problem.num_experts, problem.hidden_size,
-                               problem.intermediate_size, problem.x_dtype.itemsize)
+                               problem.intermediate_size, problem.x_dtype)
 
     def run(self, x, weights, topk_weights, topk_ids, expert_map, activation, alpha, limit,
             apply_router_weight_on_input, out, workspace) -> None:

@@ -21,6 +21,7 @@ shape, every few thousand calls, and at exit (atomically: write + rename).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import socket
@@ -189,10 +190,8 @@ def flush(wait: bool = True) -> Path | None:
 
 
 def _flush_at_exit() -> None:
-    try:
+    with contextlib.suppress(Exception):  # never turn a clean interpreter exit into a traceback
         flush(wait=True)
-    except Exception:  # never turn a clean interpreter exit into a traceback
-        pass
 
 
 atexit.register(_flush_at_exit)

@@ -82,7 +82,7 @@ def table_entries(split_key: str, winners: Sequence[tuple[dict[str, int], Any]])
     for rest, items in groups.items():
         items.sort(key=lambda item: item[0][split_key])
         points = [r[split_key] for r, _ in items]
-        for i, (regime, params) in enumerate(items):
+        for i, (_, params) in enumerate(items):
             lo = 1 if i == 0 else math.floor(math.sqrt(points[i - 1] * points[i])) + 1
             hi = None if i == len(items) - 1 else math.floor(math.sqrt(points[i] * points[i + 1]))
             when = {split_key: [lo, hi], **{k: [v, v] for k, v in rest}}

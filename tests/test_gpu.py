@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import rocmoe
 from conftest import is_poisoned, poison
 from reference import routing_ref
+
+import rocmoe
 
 pytestmark = [
     pytest.mark.gpu,
@@ -122,9 +122,8 @@ def test_torch_backend_moe_refuses_capture_clearly(cuda):
     tw = torch.ones(2, 1, device=cuda)
     rocmoe.mxfp4_moe(x, w, tw, ids, backend="torch")
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
-        with torch.cuda.graph(graph):
-            rocmoe.mxfp4_moe(x, w, tw, ids, backend="torch")
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"), torch.cuda.graph(graph):
+        rocmoe.mxfp4_moe(x, w, tw, ids, backend="torch")
 
 
 def test_compile_on_gpu(cuda):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from reference import E2M1, dequant_loop
+
 from rocmoe import dequantize_mxfp4, quantize_mxfp4
 from rocmoe.formats.mxfp4 import e8m0_to_float32
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import rocmoe
 from conftest import is_poisoned, poison
 from reference import moe_ref
+
+import rocmoe
 
 E, H, I = 4, 64, 32
 
@@ -162,7 +162,8 @@ def test_weights_are_converted_once(gen):
 @pytest.mark.parametrize("change, exc, message", [
     (dict(w1_blocks=torch.zeros(E, 2 * I, H // 2, dtype=torch.int8)), TypeError, "w1_blocks must have dtype uint8"),
     (dict(w1_blocks=torch.zeros(E, 2 * I, 20, dtype=torch.uint8)), ValueError, "multiples of 32"),
-    (dict(w1_scales=torch.zeros(E, 2 * I, 3, dtype=torch.uint8)), ValueError, r"w1_scales must have shape \[4, 64, 2\]"),
+    (dict(w1_scales=torch.zeros(E, 2 * I, 3, dtype=torch.uint8)), ValueError,
+     r"w1_scales must have shape \[4, 64, 2\]"),
     (dict(w2_blocks=torch.zeros(E, H, 8, dtype=torch.uint8)), ValueError, r"w2_blocks must have shape \[4, 64, 16\]"),
     (dict(w2_scales=torch.zeros(3, H, 1, dtype=torch.uint8)), ValueError, r"w2_scales must have shape \[4, 64, 1\]"),
     (dict(b1=torch.zeros(E, I)), ValueError, r"b1 must have shape \[4, 64\]"),

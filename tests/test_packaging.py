@@ -4,8 +4,9 @@ rocmoe.backends.<name> resolves to backends/<name>."""
 from __future__ import annotations
 
 import importlib
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 import rocmoe
 
@@ -19,7 +20,7 @@ def test_every_package_folder_is_listed_in_pyproject():
     for init in ROOT.glob("rocmoe/**/__init__.py"):
         found.add(".".join(init.parent.relative_to(ROOT).parts))
     for init in ROOT.glob("backends/**/__init__.py"):
-        found.add(".".join(("rocmoe",) + init.parent.relative_to(ROOT).parts))
+        found.add(".".join(("rocmoe", *init.parent.relative_to(ROOT).parts)))
     found = {p.replace("rocmoe.backends", "rocmoe.backends", 1) for p in found}
     assert found == listed, f"pyproject packages differ from the folders: {sorted(found ^ listed)}"
 

@@ -37,7 +37,7 @@ def fake_backends(monkeypatch):
     }
     monkeypatch.setattr(registry, "_impls", dict(impls))
     monkeypatch.setattr(registry, "_selection_cache", {})
-    monkeypatch.setattr(registry, "OPS", registry.OPS + ("fake",))
+    monkeypatch.setattr(registry, "OPS", (*registry.OPS, "fake"))
     yield impls
 
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-
-import rocmoe
 from conftest import is_poisoned, on_device, poison
 from reference import mla_ref
+
+import rocmoe
 
 
 def _inputs(gen, tokens=3, heads=4, dim=80, d_v=64, blocks=6, block_size=16, topk=12, dtype=torch.float32):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import is_poisoned, on_device, poison
 
 import rocmoe
-from conftest import is_poisoned, on_device, poison
 
 
 def _window_ref(lens, topk):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import rocmoe
 from conftest import adversarial_routing_logits, is_poisoned, poison
 from reference import routing_ref
 from rocmoe.backends.triton.gemma4_routing import IMPLEMENTATION, RoutingConfig, launch
+
+import rocmoe
 from rocmoe.device import Device
 
 

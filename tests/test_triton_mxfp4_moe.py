@@ -8,13 +8,13 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
-import rocmoe
 from conftest import is_poisoned, poison
 from reference import moe_ref
 from rocmoe.backends.triton import _mxfp4_moe_kernel as kernels
 from rocmoe.backends.triton import mxfp4_moe as triton_moe
 from rocmoe.backends.triton.mxfp4_moe import MoeConfig, launch, to_triton_layout, workspace_bytes
+
+import rocmoe
 
 H, I = 64, 96  # I = 96: a 64-wide K step of GEMM2 ends in a masked half step
 
@@ -187,7 +187,7 @@ def test_routing_metadata_is_a_stable_sort_by_expert(kernel_device, gen, chunk):
     for rows in want_rows:
         want_first.append(start)
         start += -(-rows // block_m)
-    assert first_block.cpu()[: experts + 1].tolist() == want_first + [start]
+    assert first_block.cpu()[: experts + 1].tolist() == [*want_first, start]
     got_slots, got_blocks = sorted_slots.cpu().tolist(), block_expert.cpu().tolist()
     for e in range(experts):
         begin = want_first[e] * block_m

@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-
 from conftest import is_poisoned, poison
 from reference import mla_ref
 from rocmoe.backends.triton.sparse_mla_decode import SPEC, MlaConfig, launch, launch_config, split_dims
+
 from rocmoe.device import Device
 
 CONFIGS = [
@@ -100,7 +100,7 @@ def test_heuristic_fills_the_device_at_small_batch(arch):
     units = device.limits.compute_units
     choose = SPEC.heuristic(device)
     for heads, keys in ((128, 2048), (64, 640), (16, 2048)):
-        def config(tokens):
+        def config(tokens, heads=heads, keys=keys):
             return choose({"tokens": tokens, "heads": heads, "keys": keys, "head_dim": 576, "compute_units": units})
 
         small = config(1)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import torch
-
 from rocmoe.backends.torch._base import TorchOp
 
 __all__ = ["sparse_mla_decode_torch", "IMPLEMENTATION"]
@@ -46,7 +45,7 @@ def sparse_mla_decode_torch(
     Returns:
         (out [T, H, d_v] compute_dtype, lse [T, H] compute_dtype).
     """
-    num_tokens, num_heads, head_dim = q.shape
+    num_tokens, _, head_dim = q.shape
     keys_per_query = indices.shape[1] + (0 if extra_indices is None else extra_indices.shape[1])
     per_query = keys_per_query * head_dim * torch.finfo(compute_dtype).bits // 8
     chunk = max(1, _GATHER_BUDGET_BYTES // max(per_query, 1))
@@ -54,7 +53,7 @@ def sparse_mla_decode_torch(
     for start in range(0, num_tokens, chunk):
         part = slice(start, min(start + chunk, num_tokens))
 
-        def sliced(t):
+        def sliced(t, part=part):
             return None if t is None else t[part]
 
         keys, valid = _gather_valid(kv_cache, indices[part], sliced(topk_length), compute_dtype)

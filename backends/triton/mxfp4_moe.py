@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 import triton
-
 from rocmoe.backends.triton import _mxfp4_moe_kernel as kernels
 from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2
+
 from rocmoe.configs import ConfigSpec, register_spec
 from rocmoe.device import Device
 
@@ -235,7 +235,7 @@ def _amd_options(config: MoeConfig) -> dict[str, int]:
     return options
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def check_config(config: MoeConfig) -> MoeConfig:
     """Reject a config the kernels or the workspace layout cannot serve (a
     user's table could hold one): power-of-two tiles, ``BLOCK_M`` within
@@ -521,7 +521,7 @@ def build_variants(arch: str):
     table = SPEC.table(arch)
     amd = device.family in _CDNA
     builds = {}
-    for name, experts, topk, hidden, inter, activation, limit, bias in BENCH_MODELS:
+    for _, experts, topk, hidden, inter, activation, limit, bias in BENCH_MODELS:
         configs = {launch_config(device, t, experts, topk, hidden, inter) for t in BENCH_TOKENS}
         if table is not None:
             configs |= {cfg for when, cfg in table.entries

@@ -23,8 +23,8 @@ from rocmoe.ops import mxfp4_moe as moe_op
 from rocmoe.ops import sparse_mla_decode as mla_op
 from rocmoe.ops import sparse_topk as topk_op
 
-__all__ = ["BenchCase", "Check", "MODELS", "cases_for", "routing_case", "moe_case", "mla_case", "topk_case", "routing_bytes", "moe_bytes", "moe_flops",
-           "mla_bytes", "mla_flops", "topk_bytes", "random_mxfp4_weights"]
+__all__ = ["BenchCase", "Check", "MODELS", "cases_for", "routing_case", "moe_case", "mla_case", "topk_case",
+           "routing_bytes", "moe_bytes", "moe_flops", "mla_bytes", "mla_flops", "topk_bytes", "random_mxfp4_weights"]
 
 Inputs = dict[str, Any]
 
@@ -341,7 +341,8 @@ def mla_case(model_name: str, heads: int, tokens: int, block_size: int = 64) -> 
                "cache": cache.to(device), "indices": indices.to(device)}
         if m.extra:
             extra_blocks = -(-m.extra // block_size) * tokens
-            inp["extra_cache"] = torch.randn(extra_blocks, block_size, m.dim, generator=gen).to(torch.bfloat16).to(device)
+            extra_cache = torch.randn(extra_blocks, block_size, m.dim, generator=gen).to(torch.bfloat16)
+            inp["extra_cache"] = extra_cache.to(device)
             inp["extra_indices"] = (torch.arange(m.extra)[None, :] + torch.arange(tokens)[:, None]
                                     * (extra_blocks // tokens) * block_size).int().to(device)
         return inp

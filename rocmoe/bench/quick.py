@@ -51,7 +51,7 @@ def run_quick(device: torch.device, *, ops: list[str] | None = None, backend: st
             case.run(inputs, outputs, backend)
             check = case.check(inputs, outputs)
             row.update(check_ok=check.ok, check=check.detail)
-            call = lambda: case.run(inputs, outputs, backend)  # noqa: E731
+            call = lambda case=case, inputs=inputs, outputs=outputs: case.run(inputs, outputs, backend)  # noqa: E731
             row["median_s"] = (time_events([call], device, reps=reps) if device.type == "cuda"
                                else time_host(call, device, reps=reps))
         except (registry.BackendUnavailableError, ValueError) as exc:

@@ -135,7 +135,7 @@ def run_bench(device: torch.device, *, ops: list[str], models: list[str] | None 
                     continue
                 case.run(sets[0], outs[0], name)
                 check = case.check(sets[0], outs[0])
-                calls = [lambda s=s, o=o: case.run(s, o, name) for s, o in zip(sets, outs)]
+                calls = [lambda s=s, o=o, case=case, name=name: case.run(s, o, name) for s, o in zip(sets, outs)]
                 capturable = impl.graph_capturable(case.problem(sets[0]))
                 rows.append(_row(case, sets[0], name, _time(calls, device, capturable), ceilings, check,
                                  "" if capturable else "not graph-capturable: event timing"))
@@ -148,7 +148,7 @@ def run_bench(device: torch.device, *, ops: list[str], models: list[str] | None 
                     if key not in compiled:
                         compiled[key] = torch.compile(case.reference, mode=COMPARE_MODES[mode])
                     fn = compiled[key]
-                calls = [lambda s=s, fn=fn: fn(*case.reference_args(s)) for s in sets]
+                calls = [lambda s=s, fn=fn, case=case: fn(*case.reference_args(s)) for s in sets]
                 try:
                     times = _time(calls, device, device.type == "cuda")
                     rows.append(_row(case, sets[0], f"{case.reference_name}-{mode}", times, ceilings, None))

@@ -107,20 +107,28 @@ class Ceilings:
     launch_floor_s: float
 
 
-def measure_ceilings(device: torch.device) -> Ceilings:
-    """A 1 GiB device-to-device copy, an 8192^3 bf16 matmul on random data, and
-    the graph-replay time of a minimal kernel."""
-    n = 1 << 28  # fp32 elements = 1 GiB
+def _copy_seconds(device: torch.device, n: int) -> float:
+    """Median seconds of one device-to-device copy of ``n`` fp32 elements (the
+    buffers go when this returns)."""
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
-    copy_s = time_events([lambda: dst.copy_(src)], device, reps=20, warmup=3)
-    del src, dst
-    m = 8192
+    return time_events([lambda: dst.copy_(src)], device, reps=20, warmup=3)
+
+
+def _matmul_seconds(device: torch.device, m: int) -> float:
+    """Median seconds of one bf16 ``m`` x ``m`` x ``m`` matmul on random data."""
     a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     out = torch.empty(m, m, device=device, dtype=torch.bfloat16)
-    mm_s = time_events([lambda: torch.matmul(a, b, out=out)], device, reps=20, warmup=3)
-    del a, b, out
+    return time_events([lambda: torch.matmul(a, b, out=out)], device, reps=20, warmup=3)
+
+
+def measure_ceilings(device: torch.device) -> Ceilings:
+    """A 1 GiB device-to-device copy, an 8192^3 bf16 matmul on random data, and
+    the graph-replay time of a minimal kernel."""
+    n, m = 1 << 28, 8192  # a 1 GiB fp32 copy; an 8192^3 matmul
+    copy_s = _copy_seconds(device, n)
+    mm_s = _matmul_seconds(device, m)
     tiny = [torch.rand(1, device=device) for _ in range(3)]
     floor_s = time_graph([lambda: torch.add(tiny[0], tiny[1], out=tiny[2])], device, calls_per_graph=100)
     return Ceilings(copy_bytes_per_s=2 * n * 4 / copy_s, bf16_flops_per_s=2 * m**3 / mm_s, launch_floor_s=floor_s)

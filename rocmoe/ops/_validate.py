@@ -33,10 +33,10 @@ def check_tensor(
         if t.dim() not in allowed:
             want = " or ".join(str(a) for a in allowed)
             raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
-    if shape is not None:
-        if t.dim() != len(shape) or any(w is not None and w != s for w, s in zip(shape, t.shape)):
-            want = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
-            raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if shape is not None and (t.dim() != len(shape)
+                              or any(w is not None and w != s for w, s in zip(shape, t.shape))):
+        want = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype {_dtype_names(dtypes)}, got {str(t.dtype).removeprefix('torch.')}")
     if device is not None and t.device != device:

@@ -4,6 +4,8 @@
 #                                   compute-sanitizer memcheck over the Triton kernels
 #   bash ci/gpu_check.sh tune OP    rocmoe tune for OP, table written under $OUT/configs/
 #   bash ci/gpu_check.sh bench ARGS rocmoe bench ARGS, JSON/markdown/plot under $OUT
+#   bash ci/gpu_check.sh firstcall DIR  first-call latency per op in fresh processes, with an empty
+#                                   Triton cache and with a copy of DIR (made by rocmoe precompile)
 # The wheel is installed with --no-deps into the machine's python (torch is there)
 # and everything runs from a scratch folder, so the source tree cannot shadow it.
 set -uo pipefail
@@ -11,9 +13,10 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/rocmoe-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --force-reinstall dist/rocmoe-*.whl 2>&1 | grep -v -i warning
+repo=$(pwd)
 work=$(mktemp -d)
 cp -r tests "$work/"
-cd "$work"
+cd "$work" || exit 1
 what=${1:-tests}
 shift || true
 case "$what" in
@@ -36,6 +39,22 @@ case "$what" in
     arch=$(python3 -c "import rocmoe; print(rocmoe.Device.current().arch)")
     rocmoe tune --op "$op" --out "$OUT/configs/$op/$arch.json" "$@" 2>&1 | tail -5
     cat "$OUT/configs/$op/$arch.json"
+    ;;
+  firstcall)
+    cache=$repo/${1:?usage: gpu_check.sh firstcall PRECOMPILED_CACHE_DIR}
+    python3 -c "import sys, triton, torch; print(sys.version.split()[0], 'triton', triton.__version__, 'torch', torch.__version__)"
+    sha256sum "$(python3 -c 'import triton, os; print(os.path.join(os.path.dirname(triton.__file__), "_C", "libtriton.so"))')"
+    # Two rounds, alternating, each in fresh processes with their own copy of the cache.
+    for round in 1 2; do
+      cold=$(mktemp -d); warm=$(mktemp -d); cp -r "$cache/." "$warm/"
+      TRITON_CACHE_DIR=$cold python3 "$repo/ci/first_call.py" --label "empty-$round" --json "$OUT/first_call_empty_$round.json"
+      TRITON_CACHE_DIR=$warm python3 "$repo/ci/first_call.py" --label "precomp-$round" \
+        --json "$OUT/first_call_precompiled_$round.json" ${FIRST_CALL_PROFILE:+--profile}
+      # What the GPU process compiled that precompile did not: kept for a diff of the TTIR.
+      comm -13 <(find "$cache" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort) \
+        <(find "$warm" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort) \
+        | tar -czf "$OUT/missed_$round.tgz" -C "$warm" -T - || true
+    done 2>&1 | grep -v -i warn | tee "$OUT/first_call.txt"
     ;;
   bench)
     rocmoe bench "$@" --json "$OUT/bench.json" --markdown "$OUT/bench.md" --plot "$OUT/bench.png" 2>&1 \

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rocmoe.device import ARCH_LIMITS
+from rocmoe.precompile import aot_target
 from rocmoe.registry import OPS
 
 __all__ = ["KernelBuild", "BuildResult", "TARGETS", "collect_variants", "run", "render"]
@@ -84,14 +85,6 @@ def collect_variants(arch: str, ops: list[str] | None = None) -> list[KernelBuil
                 seen.add(build)
                 builds.append(build)
     return builds
-
-
-def _target(arch: str):
-    from triton.backends.compiler import GPUTarget
-
-    if arch.startswith("gfx"):
-        return GPUTarget("hip", arch, 64)
-    return GPUTarget("cuda", int(arch[2:]), 32)
 
 
 def _metadata_int(text: str, key: str) -> int | None:
@@ -161,7 +154,7 @@ def compile_one(build: KernelBuild, arch: str) -> BuildResult:
         options = {k: v for k, v in options.items() if k not in ("waves_per_eu", "matrix_instr_nonkdim", "kpack")}
     try:
         compiled = triton.compile(ASTSource(kernel, dict(build.signature), dict(build.constexprs)),
-                                  target=_target(arch), options=options)
+                                  target=aot_target(arch), options=options)
     except Exception as exc:  # a compile error is a result, not a crash
         result.problems.append(f"compile error: {str(exc).strip().splitlines()[-1][:300]}")
         return result

@@ -1,4 +1,4 @@
-"""The ``rocmoe`` command: ``info``, ``bench``, ``tune`` and ``build-check``."""
+"""The ``rocmoe`` command: ``info``, ``bench``, ``tune``, ``build-check`` and ``precompile``."""
 
 from __future__ import annotations
 
@@ -61,6 +61,17 @@ def _cmd_build_check(args: argparse.Namespace) -> int:
         print("rocmoe build-check: no Triton kernel matched", file=sys.stderr)
         return 1
     return 0 if all(r.ok for r in results) else 1
+
+
+def _cmd_precompile(args: argparse.Namespace) -> int:
+    from rocmoe import precompile
+
+    run = precompile.run(args.arch, args.op, args.cache_dir, jobs=args.jobs, compute_units=args.compute_units)
+    precompile.render(run)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(precompile.as_json(run), f, indent=2)
+    return 0 if run.results and all(r.error is None for r in run.results) else 1
 
 
 def _full_bench(args: argparse.Namespace) -> int:
@@ -189,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--jobs", type=int, help="parallel compile processes (default: CPU count)")
     check.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     check.set_defaults(fn=_cmd_build_check)
+
+    pre = sub.add_parser("precompile", help="fill a Triton cache for a GPU arch on any machine (no GPU needed), "
+                                            "so that first calls load kernels instead of compiling them")
+    pre.add_argument("--arch", action="append", required=True,
+                     help="target arch, e.g. gfx942, gfx950, sm90, sm100 (repeatable)")
+    pre.add_argument("--op", action="append", choices=registry.OPS, help="only this op (repeatable)")
+    pre.add_argument("--cache-dir", help="Triton cache to fill (default: $TRITON_CACHE_DIR, else ~/.triton/cache); "
+                                         "point TRITON_CACHE_DIR at it where the kernels run")
+    pre.add_argument("--compute-units", type=int, help="CU/SM count of the GPUs that will run the kernels "
+                                                        "(launch configs depend on it; default: the arch's flagship)")
+    pre.add_argument("--jobs", type=int, help="parallel compile processes (default: CPU count)")
+    pre.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    pre.set_defaults(fn=_cmd_precompile)
     return parser
 
 

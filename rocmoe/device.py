@@ -8,13 +8,17 @@ no hardware present, for the ahead-of-time build matrix and for tests.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Device", "ArchLimits", "ARCH_LIMITS", "KNOWN_ARCHS", "family_of_arch"]
+__all__ = ["Device", "ArchLimits", "ARCH_LIMITS", "KNOWN_ARCHS", "family_of_arch", "meta_tensors_as",
+           "launches_ahead_of_time"]
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,8 @@ class Device:
         device = torch.device(device)
         if device.type == "cpu":
             return CPU
+        if device.type == "meta":
+            return _meta_standin()
         index = device.index
         if index is None:
             index = torch.cuda.current_device() if device.type == "cuda" else 0
@@ -176,7 +182,46 @@ class Device:
         device = tensor.device
         if device.type == "cpu":
             return CPU
+        if device.type == "meta":
+            return _meta_standin()
         return _probe(device.type, device.index if device.index is not None else 0)
+
+
+_meta_device: contextvars.ContextVar[Device | None] = contextvars.ContextVar("rocmoe_meta_device", default=None)
+
+
+@contextlib.contextmanager
+def meta_tensors_as(arch: str, compute_units: int | None = None) -> Iterator[Device]:
+    """Inside this block, tensors on torch's ``meta`` device (shapes and dtypes,
+    no storage) stand for tensors on an ``arch`` GPU with ``compute_units``
+    CUs/SMs (default: the arch's flagship part, ``ARCH_LIMITS``), so the ops'
+    host code chooses that GPU's backends and launch configs. ``rocmoe
+    precompile`` uses it to drive every launch with no GPU present."""
+    device = Device.from_arch(arch)
+    if compute_units is not None:
+        if compute_units < 1:
+            raise ValueError(f"compute_units must be positive, got {compute_units}")
+        device = dataclasses.replace(device, limits=dataclasses.replace(device.limits, compute_units=compute_units))
+    token = _meta_device.set(device)
+    try:
+        yield device
+    finally:
+        _meta_device.reset(token)
+
+
+def launches_ahead_of_time(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a meta tensor standing for a GPU tensor (inside
+    :func:`meta_tensors_as`): the ops then skip torch's dispatcher, whose fake
+    kernels would otherwise take meta tensors and launch nothing."""
+    return tensor.device.type == "meta" and _meta_device.get() is not None
+
+
+def _meta_standin() -> Device:
+    device = _meta_device.get()
+    if device is None:
+        raise ValueError("tensors on the meta device have no hardware; rocmoe treats them as a GPU only inside "
+                         "rocmoe.device.meta_tensors_as(arch) (what rocmoe precompile does)")
+    return device
 
 
 def _fallback_limits(vendor: str) -> ArchLimits:
@@ -187,7 +232,7 @@ def _fallback_limits(vendor: str) -> ArchLimits:
     return ARCH_LIMITS[{"intel": "xpu"}.get(vendor, "cpu")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(torch_type: str, index: int) -> Device:
     if torch_type == "cuda":
         props = torch.cuda.get_device_properties(index)

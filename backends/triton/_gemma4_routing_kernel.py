@@ -62,7 +62,7 @@ def _select_exact(x, cols, col_ok, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     return 0xFFFF - (top & 0xFFFF).to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def gemma4_routing_kernel(
     logits_ptr,  # [T, E] fp32/bf16/fp16, unit stride along E
     scale_ptr,  # [E] fp32/bf16

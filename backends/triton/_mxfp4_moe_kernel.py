@@ -156,7 +156,7 @@ def _chunk_experts(ids_ptr, ids_stride, expert_map_ptr, chunk, num_slots, num_gl
     return tl.where(expert >= 0, expert, num_experts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def moe_count_kernel(ids_ptr, ids_stride, expert_map_ptr, counts_ptr, num_slots, num_global, num_experts,
                      TOPK: tl.constexpr, HAS_MAP: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     """counts[chunk, e] = slots of ``chunk`` routed to local expert e."""
@@ -166,7 +166,7 @@ def moe_count_kernel(ids_ptr, ids_stride, expert_map_ptr, counts_ptr, num_slots,
     tl.store(counts_ptr + chunk * E_PAD + tl.arange(0, E_PAD), tl.histogram(expert, E_PAD))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks"])
 def moe_plan_kernel(counts_ptr, bases_ptr, expert_rows_ptr, expert_first_block_ptr, num_chunks, num_experts,
                     BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
     """One program: expert e owns blocks [first_block[e], first_block[e+1])
@@ -191,7 +191,7 @@ def moe_plan_kernel(counts_ptr, bases_ptr, expert_rows_ptr, expert_first_block_p
         running += count
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def moe_scatter_kernel(ids_ptr, ids_stride, expert_map_ptr, bases_ptr, sorted_slots_ptr, block_expert_ptr,
                        num_slots, num_global, num_experts, TOPK: tl.constexpr, HAS_MAP: tl.constexpr,
                        CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):

@@ -99,7 +99,7 @@ def _sink_factor(lse2, sink_ptr, heads, head_ok):
     return 1.0 / (1.0 + tl.exp2(sink * _LOG2E - lse2))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "xrows", "chunk"])
 def sparse_mla_decode_kernel(
     q_ptr, cache_ptr, idx_ptr, len_ptr, xcache_ptr, xidx_ptr, xlen_ptr, sink_ptr,
     out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
@@ -157,7 +157,7 @@ def sparse_mla_decode_kernel(
         tl.store(part_rows + dv_cols[None, :], out, mask=dv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split"])
 def sparse_mla_reduce_kernel(part_out_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_ptr, num_heads, d_v,
                              out_stride_t, out_stride_h, lse_stride, split,
                              BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINK: tl.constexpr):

@@ -121,7 +121,7 @@ def _window_length(lens_ptr, row, width):
     return tl.minimum(tl.maximum(n, 0), width)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["width", "max_blocks"])
 def sparse_topk_window_kernel(lens_ptr, out_ptr, table_ptr, width, topk, out_stride, table_stride, max_blocks,
                               block_size, PAGED: tl.constexpr, BLOCK: tl.constexpr):
     """The short-circuit: out[t] = 0..n-1 then -1 (or cache slots). Grid (T, cdiv(topk, BLOCK))."""
@@ -134,7 +134,7 @@ def sparse_topk_window_kernel(lens_ptr, out_ptr, table_ptr, width, topk, out_str
                      block_size, PAGED)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["width", "max_blocks"])
 def sparse_topk_row_kernel(logits_ptr, lens_ptr, out_ptr, table_ptr, width, topk, logits_stride, out_stride,
                            table_stride, max_blocks, block_size, PAGED: tl.constexpr, RADIX_BITS: tl.constexpr,
                            BLOCK: tl.constexpr):
@@ -176,7 +176,7 @@ def _prefix_from_workspace(hist_row, topk, PASSES: tl.constexpr, RADIX_BITS: tl.
     return prefix, need
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["width", "chunk"])
 def sparse_topk_hist_kernel(logits_ptr, lens_ptr, hist_ptr, width, topk, logits_stride, chunk,
                             PASS: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
     """Pass PASS of the split select: this program's chunk, merged with atomics.
@@ -195,7 +195,7 @@ def sparse_topk_hist_kernel(logits_ptr, lens_ptr, hist_ptr, width, topk, logits_
         tl.atomic_add(hist_row + PASS * BINS + bins, hist, mask=hist > 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["width", "max_blocks", "chunk"])
 def sparse_topk_select_kernel(logits_ptr, lens_ptr, hist_ptr, count_ptr, out_ptr, table_ptr, width, topk,
                               logits_stride, out_stride, table_stride, max_blocks, block_size, chunk,
                               PAGED: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from rocmoe import registry, shape_log
-from rocmoe.device import Device
+from rocmoe.device import Device, launches_ahead_of_time
 from rocmoe.ops._validate import FLOAT_DTYPES, check_int, check_out, check_tensor
 
 __all__ = ["gemma4_routing", "Gemma4RoutingProblem"]
@@ -83,7 +83,8 @@ def gemma4_routing(
         out_ids = torch.empty((num_tokens, topk), dtype=torch.int32, device=device)
     if num_tokens == 0:
         return out_weights, out_ids
-    torch.ops.rocmoe.gemma4_routing(gating_output, topk, per_expert_scale, out_weights, out_ids, backend)
+    entry = _gemma4_routing_selected if launches_ahead_of_time(gating_output) else torch.ops.rocmoe.gemma4_routing
+    entry(gating_output, topk, per_expert_scale, out_weights, out_ids, backend)
     return out_weights, out_ids
 
 
@@ -91,8 +92,7 @@ def problem_of(gating_output: torch.Tensor, topk: int, per_expert_scale: torch.T
     return Gemma4RoutingProblem(gating_output.dtype, per_expert_scale.dtype, gating_output.shape[1], topk)
 
 
-@torch.library.custom_op("rocmoe::gemma4_routing", mutates_args=("out_weights", "out_ids"))
-def _gemma4_routing_op(
+def _gemma4_routing_selected(
     gating_output: torch.Tensor,
     topk: int,
     per_expert_scale: torch.Tensor,
@@ -106,6 +106,12 @@ def _gemma4_routing_op(
         shape_log.record(OP, gating_output, tokens=gating_output.shape[0], experts=gating_output.shape[1],
                          topk=topk, dtype=str(gating_output.dtype).removeprefix("torch."), backend=impl.backend)
     impl.run(gating_output, topk, per_expert_scale, out_weights, out_ids)
+
+
+# The dispatcher sends meta tensors to the fake kernel below; under
+# meta_tensors_as (rocmoe precompile) the public function calls the body itself.
+_gemma4_routing_op = torch.library.custom_op(
+    "rocmoe::gemma4_routing", _gemma4_routing_selected, mutates_args=("out_weights", "out_ids"))
 
 
 @_gemma4_routing_op.register_fake

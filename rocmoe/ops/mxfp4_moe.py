@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from rocmoe import registry, shape_log
-from rocmoe.device import Device
+from rocmoe.device import Device, launches_ahead_of_time
 from rocmoe.ops._validate import check_choice, check_out, check_tensor
 
 __all__ = ["mxfp4_moe", "mxfp4_moe_workspace_size", "Mxfp4MoeWeights", "Mxfp4MoeProblem", "ACTIVATIONS"]
@@ -152,7 +152,7 @@ def _problem(x_dtype, weights: Mxfp4MoeWeights, topk: int, activation: str, expe
                            apply_router_weight_on_input)
 
 
-def _resolve_limit(activation: str, limit: float | None | _Auto) -> float | None:
+def _resolve_limit(activation: str, limit: float | _Auto | None) -> float | None:
     if isinstance(limit, _Auto):
         return 7.0 if activation == "swigluoai" else None
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
@@ -168,7 +168,7 @@ def mxfp4_moe(
     *,
     activation: str = "swigluoai",
     alpha: float = 1.702,
-    limit: float | None | _Auto = AUTO,
+    limit: float | _Auto | None = AUTO,
     expert_map: torch.Tensor | None = None,
     apply_router_weight_on_input: bool = False,
     out: torch.Tensor | None = None,
@@ -241,7 +241,8 @@ def mxfp4_moe(
         out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=device)
     if num_tokens == 0:
         return out
-    torch.ops.rocmoe.mxfp4_moe(
+    entry = _mxfp4_moe_selected if launches_ahead_of_time(x) else torch.ops.rocmoe.mxfp4_moe
+    entry(
         x, topk_weights, topk_ids, weights.handle, expert_map, activation, float(alpha), resolved_limit,
         bool(apply_router_weight_on_input), out, workspace, backend,
     )
@@ -265,8 +266,7 @@ def mxfp4_moe_workspace_size(
     return impl.workspace_bytes(problem, num_tokens)
 
 
-@torch.library.custom_op("rocmoe::mxfp4_moe", mutates_args=("out", "workspace"))
-def _mxfp4_moe_op(
+def _mxfp4_moe_selected(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -299,6 +299,12 @@ def _mxfp4_moe_op(
         shape_log.record_moe_histogram(shape, topk_ids, weights.num_experts, expert_map)
     impl.run(x, weights, topk_weights, topk_ids, expert_map, activation, alpha, limit,
              apply_router_weight_on_input, out, workspace)
+
+
+# The dispatcher sends meta tensors to the fake kernel below; under
+# meta_tensors_as (rocmoe precompile) the public function calls the body itself.
+_mxfp4_moe_op = torch.library.custom_op(
+    "rocmoe::mxfp4_moe", _mxfp4_moe_selected, mutates_args=("out", "workspace"))
 
 
 @_mxfp4_moe_op.register_fake

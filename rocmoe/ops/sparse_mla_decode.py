@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from rocmoe import registry, shape_log
-from rocmoe.device import Device
+from rocmoe.device import Device, launches_ahead_of_time
 from rocmoe.ops._validate import FLOAT_DTYPES, check_int, check_out, check_tensor
 
 __all__ = ["sparse_mla_decode", "SparseMlaProblem"]
@@ -140,7 +140,8 @@ def sparse_mla_decode(
         lse_out = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=device)
     if num_tokens == 0:
         return out, lse_out
-    torch.ops.rocmoe.sparse_mla_decode(
+    entry = _sparse_mla_decode_selected if launches_ahead_of_time(q) else torch.ops.rocmoe.sparse_mla_decode
+    entry(
         q, cache, indices, float(softmax_scale), d_v, topk_length, attn_sink,
         extra_cache, extra_indices, extra_topk_length, out, lse_out, backend,
     )
@@ -156,8 +157,7 @@ def problem_of(q, cache, indices, d_v, topk_length, attn_sink, extra_cache, extr
     )
 
 
-@torch.library.custom_op("rocmoe::sparse_mla_decode", mutates_args=("out", "lse_out"))
-def _sparse_mla_decode_op(
+def _sparse_mla_decode_selected(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
     indices: torch.Tensor,
@@ -180,6 +180,12 @@ def _sparse_mla_decode_op(
                          backend=impl.backend)
     impl.run(q, kv_cache, indices, softmax_scale, d_v, topk_length, attn_sink,
              extra_kv_cache, extra_indices, extra_topk_length, out, lse_out)
+
+
+# The dispatcher sends meta tensors to the fake kernel below; under
+# meta_tensors_as (rocmoe precompile) the public function calls the body itself.
+_sparse_mla_decode_op = torch.library.custom_op(
+    "rocmoe::sparse_mla_decode", _sparse_mla_decode_selected, mutates_args=("out", "lse_out"))
 
 
 @_sparse_mla_decode_op.register_fake

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from rocmoe import registry, shape_log
-from rocmoe.device import Device
+from rocmoe.device import Device, launches_ahead_of_time
 from rocmoe.ops._validate import check_int, check_out, check_tensor
 
 __all__ = ["sparse_topk", "SparseTopkProblem"]
@@ -96,7 +96,8 @@ def sparse_topk(
         out = torch.empty((num_tokens, topk), dtype=torch.int32, device=device)
     if num_tokens == 0:
         return out
-    torch.ops.rocmoe.sparse_topk(logits, seq_lens, topk, block_table, block_size, max_seq_len, out, backend)
+    entry = _sparse_topk_selected if launches_ahead_of_time(seq_lens) else torch.ops.rocmoe.sparse_topk
+    entry(logits, seq_lens, topk, block_table, block_size, max_seq_len, out, backend)
     return out
 
 
@@ -106,8 +107,7 @@ def problem_of(logits: torch.Tensor | None, topk: int, block_table: torch.Tensor
     return SparseTopkProblem(logits.dtype, logits.shape[1], topk, block_table is not None)
 
 
-@torch.library.custom_op("rocmoe::sparse_topk", mutates_args=("out",))
-def _sparse_topk_op(
+def _sparse_topk_selected(
     logits: torch.Tensor | None,
     seq_lens: torch.Tensor,
     topk: int,
@@ -122,6 +122,12 @@ def _sparse_topk_op(
         shape_log.record(OP, seq_lens, tokens=seq_lens.shape[0], seq_len=0 if logits is None else logits.shape[1],
                          topk=topk, paged=block_table is not None, backend=impl.backend)
     impl.run(logits, seq_lens, topk, block_table, block_size, max_seq_len, out)
+
+
+# The dispatcher sends meta tensors to the fake kernel below; under
+# meta_tensors_as (rocmoe precompile) the public function calls the body itself.
+_sparse_topk_op = torch.library.custom_op(
+    "rocmoe::sparse_topk", _sparse_topk_selected, mutates_args=("out",))
 
 
 @_sparse_topk_op.register_fake

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from reference import moe_ref
-from rocmoe.backends.torch.mxfp4_moe import IMPLEMENTATION
 
+from rocmoe.backends.torch.mxfp4_moe import IMPLEMENTATION
 from rocmoe.bench import cases
 from rocmoe.bench.report import markdown, plot
 from rocmoe.bench.runner import run_bench

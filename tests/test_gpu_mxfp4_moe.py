@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import is_poisoned, poison
-from rocmoe.backends.torch.mxfp4_moe import mxfp4_moe_torch, to_torch_layout
 
 import rocmoe
+from rocmoe.backends.torch.mxfp4_moe import mxfp4_moe_torch, to_torch_layout
 from rocmoe.bench.cases import MOE_MODELS, random_mxfp4_weights
 
 pytestmark = [

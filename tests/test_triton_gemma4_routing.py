@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import adversarial_routing_logits, is_poisoned, poison
 from reference import routing_ref
-from rocmoe.backends.triton.gemma4_routing import IMPLEMENTATION, RoutingConfig, launch
 
 import rocmoe
+from rocmoe.backends.triton.gemma4_routing import IMPLEMENTATION, RoutingConfig, launch
 from rocmoe.device import Device
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import is_poisoned, poison
 from reference import mla_ref
-from rocmoe.backends.triton.sparse_mla_decode import SPEC, MlaConfig, launch, launch_config, split_dims
 
+from rocmoe.backends.triton.sparse_mla_decode import SPEC, MlaConfig, launch, launch_config, split_dims
 from rocmoe.device import Device
 
 CONFIGS = [

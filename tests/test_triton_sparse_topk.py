@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from conftest import is_poisoned, poison
+
 from rocmoe.backends.triton.sparse_topk import TopkConfig, launch_select, launch_window, workspace_numel
 
 CONFIGS = [

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from rocmoe.backends.triton.gemma4_routing import SPEC, TUNING, RoutingConfig
-
 from rocmoe import configs
+from rocmoe.backends.triton.gemma4_routing import SPEC, TUNING, RoutingConfig
 from rocmoe.device import Device
 from rocmoe.tune import Tuning, run_tune, table_entries
 

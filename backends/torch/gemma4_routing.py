@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from rocmoe.backends.torch._base import TorchOp
 
 __all__ = ["gemma4_routing_torch", "IMPLEMENTATION"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from rocmoe.backends.torch._base import TorchOp, refuse_graph_capture
 
+from rocmoe.backends.torch._base import TorchOp, refuse_graph_capture
 from rocmoe.formats.mxfp4 import dequantize_mxfp4
 
 __all__ = ["TorchMoeWeights", "to_torch_layout", "mxfp4_moe_torch", "IMPLEMENTATION"]

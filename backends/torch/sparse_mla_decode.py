@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+
 from rocmoe.backends.torch._base import TorchOp
 
 __all__ = ["sparse_mla_decode_torch", "IMPLEMENTATION"]

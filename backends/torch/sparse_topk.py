@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from rocmoe.backends.torch._base import TorchOp, refuse_graph_capture
 
 __all__ = ["sparse_topk_torch", "window_applies", "IMPLEMENTATION"]

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 import triton
+
 from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2
 from rocmoe.backends.triton._gemma4_routing_kernel import gemma4_routing_kernel
-
 from rocmoe.configs import ConfigSpec, register_spec
 from rocmoe.device import Device
 
@@ -138,7 +138,6 @@ def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[RoutingC
 
 def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Generator):
     from rocmoe.backends.torch.gemma4_routing import gemma4_routing_torch
-
     from rocmoe.bench.timing import rotating_sets
     from rocmoe.tune import TuneInputs
 

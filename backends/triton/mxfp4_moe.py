@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 import triton
+
 from rocmoe.backends.triton import _mxfp4_moe_kernel as kernels
 from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2
-
 from rocmoe.configs import ConfigSpec, register_spec
 from rocmoe.device import Device
 
@@ -560,7 +560,6 @@ def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MoeConfi
 
 def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Generator):
     from rocmoe.backends.torch.mxfp4_moe import mxfp4_moe_torch, to_torch_layout
-
     from rocmoe.bench.cases import moe_case
     from rocmoe.bench.timing import rotating_sets
     from rocmoe.tune import TuneInputs

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 import triton
+
 from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2
 from rocmoe.backends.triton._sparse_mla_decode_kernel import sparse_mla_decode_kernel, sparse_mla_reduce_kernel
-
 from rocmoe.configs import ConfigSpec, register_spec
 from rocmoe.device import Device
 
@@ -271,7 +271,6 @@ def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfi
 
 def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Generator):
     from rocmoe.backends.torch.sparse_mla_decode import sparse_mla_decode_torch
-
     from rocmoe.bench.cases import mla_case
     from rocmoe.bench.timing import rotating_sets
     from rocmoe.tune import TuneInputs

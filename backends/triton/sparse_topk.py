@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+
 from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2
 from rocmoe.backends.triton._sparse_topk_kernel import (
     sparse_topk_hist_kernel,
@@ -24,7 +25,6 @@ from rocmoe.backends.triton._sparse_topk_kernel import (
     sparse_topk_select_kernel,
     sparse_topk_window_kernel,
 )
-
 from rocmoe.configs import ConfigSpec, register_spec
 from rocmoe.device import Device
 
@@ -246,7 +246,6 @@ def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[TopkConf
 
 def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Generator):
     from rocmoe.backends.torch.sparse_topk import sparse_topk_torch
-
     from rocmoe.bench.timing import rotating_sets
     from rocmoe.tune import TuneInputs
 

@@ -65,6 +65,19 @@ PY
 "$work/venv/bin/python" -m pytest tests -p no:cacheprovider -q \
   --ignore=tests/test_packaging.py --ignore=tests/test_readme.py 2>&1 | tail -3
 
+echo "== the rocm extra on a CPU machine: AITER installed, reported unavailable with the true reason"
+"$work/venv/bin/pip" install -q "${wheel}[rocm]"
+"$work/venv/bin/rocmoe" info --json | "$work/venv/bin/python" -c '
+import json, sys
+info = json.load(sys.stdin)
+assert info["versions"].get("amd-aiter"), info["versions"]
+for op in info["ops"]:
+    (aiter,) = [b for b in op["backends"] if b["backend"] == "aiter"]
+    want = ["AITER needs a ROCm build of torch (this torch was built without HIP)"]
+    assert not aiter["available"] and aiter["reasons"] == want, (op["op"], aiter)
+print("amd-aiter", info["versions"]["amd-aiter"], "installed; every op reports:", want[0])
+'
+
 echo "== wheel from an export without git metadata"
 mkdir "$work/export"
 git -C "$repo" archive HEAD | tar -x -C "$work/export"

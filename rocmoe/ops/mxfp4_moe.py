@@ -45,6 +45,9 @@ class Mxfp4MoeProblem:
     has_bias: bool
     expert_parallel: bool
     apply_router_weight_on_input: bool
+    #: the activation's constants (a kernel may fix them); limit None = no clamp
+    alpha: float = 1.702
+    limit: float | None = 7.0
 
 
 # Weights are found inside the custom op by handle (an int the op schema can
@@ -132,10 +135,12 @@ class Mxfp4MoeWeights:
         return done
 
     def prepare(self, *, topk: int, x_dtype: torch.dtype = torch.bfloat16, activation: str = "swigluoai",
-                expert_map: torch.Tensor | None = None, backend: str | None = None) -> str:
+                alpha: float = 1.702, limit: float | _Auto | None = AUTO, expert_map: torch.Tensor | None = None,
+                backend: str | None = None) -> str:
         """Select the backend for these weights and convert them now (before a
-        CUDA-graph capture, say); returns the backend's name."""
-        problem = _problem(x_dtype, self, topk, activation, expert_map is not None, False)
+        CUDA-graph capture, say); returns the backend's name. Pass the
+        arguments the calls will pass: they decide the backend."""
+        problem = _problem(x_dtype, self, topk, activation, expert_map is not None, False, alpha, limit)
         impl = registry.select(OP, Device.for_torch_device(self.device), problem, backend).impl
         impl.prepare(self)
         return impl.backend
@@ -146,10 +151,11 @@ class Mxfp4MoeWeights:
 
 
 def _problem(x_dtype, weights: Mxfp4MoeWeights, topk: int, activation: str, expert_parallel: bool,
-             apply_router_weight_on_input: bool) -> Mxfp4MoeProblem:
+             apply_router_weight_on_input: bool, alpha: float = 1.702,
+             limit: float | _Auto | None = AUTO) -> Mxfp4MoeProblem:
     return Mxfp4MoeProblem(x_dtype, weights.num_experts, weights.hidden_size, weights.intermediate_size, topk,
                            weights.gate_up, activation, weights.has_bias, expert_parallel,
-                           apply_router_weight_on_input)
+                           apply_router_weight_on_input, float(alpha), _resolve_limit(activation, limit))
 
 
 def _resolve_limit(activation: str, limit: float | _Auto | None) -> float | None:
@@ -256,12 +262,14 @@ def mxfp4_moe_workspace_size(
     *,
     x_dtype: torch.dtype = torch.bfloat16,
     activation: str = "swigluoai",
+    alpha: float = 1.702,
+    limit: float | _Auto | None = AUTO,
     expert_map: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> int:
     """Bytes of ``workspace`` the selected backend needs for ``num_tokens`` tokens
     (allocate once for the largest batch, reuse across layers and steps)."""
-    problem = _problem(x_dtype, weights, topk, activation, expert_map is not None, False)
+    problem = _problem(x_dtype, weights, topk, activation, expert_map is not None, False, alpha, limit)
     impl = registry.select(OP, Device.for_torch_device(weights.device), problem, backend).impl
     return impl.workspace_bytes(problem, num_tokens)
 
@@ -284,7 +292,7 @@ def _mxfp4_moe_selected(
     if weights is None:
         raise RuntimeError(f"Mxfp4MoeWeights handle {weights_handle} is no longer alive")
     problem = _problem(x.dtype, weights, topk_ids.shape[1], activation, expert_map is not None,
-                       apply_router_weight_on_input)
+                       apply_router_weight_on_input, alpha, limit)
     impl = registry.select(OP, Device.of(x), problem, backend).impl
     if workspace is not None:
         need = impl.workspace_bytes(problem, x.shape[0])

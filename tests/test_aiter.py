@@ -95,7 +95,7 @@ def test_argument_mapping_reproduces_the_spec_result(gen, expert_parallel):
     else:
         expert_map = None
         ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(tokens)]).int()
-    ids[0, 1], ids[3, 0] = -1, 99
+    ids[0, 0], ids[0, 1], ids[3, 0] = 1, -1, 99  # global id 1 is local either way
     mask = aiter_moe.aiter_expert_mask(expert_map, E)
     routed = aiter_moe.route_ids(ids, mask.numel() - 1)
     got = _aiter_contract_moe(x, aiter_moe.checkpoint_to_aiter_order(w), topk_weights, routed, mask, H)

@@ -5,7 +5,9 @@
 # on the scripts. Run from anywhere; installs the tools into the active env.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -e ".[lint]"
+# Only the tools (rocmoe itself, and torch with it, is not needed to lint).
+mapfile -t tools < <(python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["lint"]))')
+python -m pip install -q "${tools[@]}"
 echo "== ruff"
 ruff check .
 echo "== hadolint"

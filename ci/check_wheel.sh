@@ -62,7 +62,9 @@ PY
 "$work/venv/bin/rocmoe" info
 # The CPU suite against the installed wheel (the two tests that read the
 # source tree itself - package folders, README - ran in the checkout).
-"$work/venv/bin/python" -m pytest tests -p no:cacheprovider -q \
+# The repository's pytest settings (markers, the default CPU selection), with
+# the scratch folder as rootdir: the source tree is not importable from there.
+"$work/venv/bin/python" -m pytest tests -c "$repo/pyproject.toml" --rootdir "$work/scratch" -p no:cacheprovider -q \
   --ignore=tests/test_packaging.py --ignore=tests/test_readme.py 2>&1 | tail -3
 
 echo "== the rocm extra on a CPU machine: AITER installed, reported unavailable with the true reason"

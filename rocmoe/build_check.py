@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rocmoe.device import ARCH_LIMITS
-from rocmoe.precompile import aot_target
+from rocmoe.precompile import aot_target, compiling_worker_init
 from rocmoe.registry import OPS
 
 __all__ = ["KernelBuild", "BuildResult", "TARGETS", "collect_variants", "run", "render"]
@@ -173,10 +173,6 @@ def compile_one(build: KernelBuild, arch: str) -> BuildResult:
     return result
 
 
-def _worker_init() -> None:
-    os.environ.pop("TRITON_INTERPRET", None)
-
-
 def run(archs: list[str] | None = None, ops: list[str] | None = None, jobs: int | None = None,
         progress: bool = True, select: Callable[[KernelBuild], bool] | None = None) -> list[BuildResult]:
     """Compile every variant (those ``select`` keeps) for every arch, in
@@ -193,7 +189,7 @@ def run(archs: list[str] | None = None, ops: list[str] | None = None, jobs: int 
         context = multiprocessing.get_context("spawn")
         workers = jobs or min(len(jobs_list), os.cpu_count() or 1) or 1
         results: list[BuildResult] = []
-        with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+        with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=compiling_worker_init) as pool:
             pending = [pool.submit(compile_one, b, a) for b, a in jobs_list]
             iterator = futures.as_completed(pending)
             if progress and sys.stderr.isatty():

@@ -385,13 +385,10 @@ def precompile(arch: str, op: str, cache_dir: str, compute_units: int | None = N
                             sorted(unsupported), launchers.problems, error)
 
 
-def _precompile_job(arch: str, op: str, cache_dir: str, compute_units: int | None) -> PrecompileResult:
-    return precompile(arch, op, cache_dir, compute_units)
-
-
-def _worker_init() -> None:
-    # Kernels must be compiled, not interpreted: decided when triton.jit runs,
-    # so before any kernel module is imported in the worker.
+def compiling_worker_init() -> None:
+    """Initializer of the processes that compile kernels (precompile and
+    build-check): kernels must be compiled, not interpreted, which triton.jit
+    decides when a kernel module is imported - so before any is."""
     os.environ.pop("TRITON_INTERPRET", None)
 
 
@@ -422,8 +419,8 @@ def run(archs: list[str], ops: list[str] | None = None, cache_dir: str | None = 
     pairs = [(arch, op) for arch in archs for op in ops]
     context = multiprocessing.get_context("spawn")
     workers = max(1, min(jobs or os.cpu_count() or 1, len(pairs)))
-    with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
-        done = [pool.submit(_precompile_job, arch, op, cache_dir, compute_units) for arch, op in pairs]
+    with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=compiling_worker_init) as pool:
+        done = [pool.submit(precompile, arch, op, cache_dir, compute_units) for arch, op in pairs]
         results = [d.result() for d in done]
     return PrecompileRun(cache_dir, results, len(_cache_entries(cache_dir) - before))
 

@@ -6,6 +6,7 @@ import pytest
 
 from rocmoe import build_check
 from rocmoe.build_check import BuildResult, KernelBuild, _check_amd
+from rocmoe.precompile import compiling_worker_init
 
 GCN = """
     .group_segment_fixed_size: 70000
@@ -69,6 +70,6 @@ def test_compile_errors_are_reported_not_raised():
     import multiprocessing
 
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=build_check._worker_init) as pool:
+                                                initializer=compiling_worker_init) as pool:
         result = pool.submit(_compile_bad_build, "sm90").result()
     assert not result.ok and result.problems[0].startswith("compile error")

@@ -84,7 +84,7 @@ def finish(out: torch.Tensor, lse: torch.Tensor, counts: torch.Tensor,
     with ``attn_sink`` [H], ``out *= 1 / (1 + exp(sink - lse))`` (``lse``
     unchanged). out [T, H, d_v], lse float32 [T, H], counts [T]."""
     empty = (counts == 0)[:, None]
-    lse.copy_(torch.where(empty, torch.inf, lse))
+    lse.masked_fill_(empty, torch.inf)
     if attn_sink is not None:
         keep = torch.sigmoid(lse - attn_sink.float()[None, :])  # = 1 / (1 + exp(sink - lse))
         out.copy_((out.float() * keep[:, :, None]).to(out.dtype))

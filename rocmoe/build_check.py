@@ -141,6 +141,15 @@ def _check_nvidia(result: BuildResult, ptx: str, shared: int, arch: str, limit_s
         result.problems.append(f"shared memory {shared} B > {limit_smem} B")
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's message: Triton wraps the real complaint in
+    CompilationErrors whose text ends with a source caret."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    lines = [line for line in str(exc).strip().splitlines() if line.strip(" ^")]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+
+
 def compile_one(build: KernelBuild, arch: str) -> BuildResult:
     """Compile ``build`` for ``arch`` and judge the result (runs in a worker)."""
     import triton
@@ -150,13 +159,14 @@ def compile_one(build: KernelBuild, arch: str) -> BuildResult:
     module_name, fn_name = build.kernel.split(":")
     kernel = getattr(importlib.import_module(module_name), fn_name)
     options = dict(build.options)
-    if not arch.startswith("gfx"):
-        options = {k: v for k, v in options.items() if k not in ("waves_per_eu", "matrix_instr_nonkdim", "kpack")}
+    # Each vendor's options only reach its own compiler, as at launch time.
+    foreign = ("maxnreg",) if arch.startswith("gfx") else ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
+    options = {k: v for k, v in options.items() if k not in foreign}
     try:
         compiled = triton.compile(ASTSource(kernel, dict(build.signature), dict(build.constexprs)),
                                   target=aot_target(arch), options=options)
     except Exception as exc:  # a compile error is a result, not a crash
-        result.problems.append(f"compile error: {str(exc).strip().splitlines()[-1][:300]}")
+        result.problems.append(f"compile error: {_root_cause(exc)[:300]}")
         return result
     limits = ARCH_LIMITS[arch]
     if arch.startswith("gfx"):

@@ -1,28 +1,48 @@
 """Kernels of the indexer top-k: a window fill and a radix select.
 
 Every score becomes a 32-bit unsigned key whose order is the float order
-(NaN above +inf, -0.0 folded onto +0.0). The k-th largest key of a row, tau,
+(NaN above +inf, -0.0 folded onto +0.0). The k-th largest key of a set, tau,
 is found digit by digit, most significant first (RADIX_BITS per pass): a
 histogram of the current digit over the keys that share the prefix found so
 far says which bin holds the k-th key and how many keys lie strictly above
 it. After the last pass tau is exact and ``need`` says how many keys equal to
-tau still belong in the top k. The select pass then writes every key > tau and
-the first ``need`` keys == tau. No sort, and every pass is a streaming read.
+tau still belong in the top k. A select pass then writes every key > tau and
+the first ``need`` keys == tau. No sort.
 
-Two shapes of the same algorithm:
+Two shapes of it:
 - ``sparse_topk_row_kernel``: one program per row, every pass inside it, the
   histograms in registers (no workspace, one launch). Best when T fills the GPU.
-- ``sparse_topk_hist_kernel`` x NPASS + ``sparse_topk_select_kernel``: SPLIT
-  programs per row, histograms merged with atomics in a zeroed workspace,
-  slots reserved with atomic counters. For few rows and long windows.
+- The split path, for few rows and long windows (SPLIT programs per row):
+  1. ``sparse_topk_coarse_hist_kernel``: one 256-bin histogram per row of a
+     coarse digit (the top byte of the score's fp16 order key: sign, exponent,
+     two mantissa bits), merged with atomics into a zeroed workspace. Rounding
+     to fp16 is monotone, so the coarse bins order like the scores.
+  2. ``sparse_topk_partition_kernel``: the bin b holding the k-th score is
+     known; every score in a higher bin is a winner and goes straight to the
+     output, every score in bin b is a candidate and (position, score) is
+     appended to the row's candidate list (slots taken with atomic counters).
+  3. ``sparse_topk_candidates_kernel``: one program per row runs the radix
+     select over the candidates only (for normally distributed scores and
+     topk 2048: 50-300 of an 8192 row, 1-3 thousand of a 131072 one), held
+     in registers, and writes the remaining slots.
+  The row is read twice whatever the radix width. A row whose bin b holds more
+  than ``capacity`` scores (a very narrow spread: many ties) skips step 2 and
+  step 3 runs the one-program select over the whole row instead: correct for
+  any input, slower only there.
 Rows whose window fits in topk are filled with their window (the scores are
-not read), so the general path needs no host-side decision.
+not read), so neither path needs a host-side decision.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+#: Bins of the split path's coarse histogram (one byte of the fp16 order key).
+COARSE_BINS = tl.constexpr(256)
+#: int32 elements per row of the split path's zeroed head: the coarse
+#: histogram, then the winner and candidate counters (padded to 32 bytes).
+HEAD_STRIDE = tl.constexpr(264)
 
 
 @triton.jit
@@ -33,6 +53,18 @@ def _keys(x):
     negative = (u >> 31) == 1
     key = tl.where(negative, ~u, u | 0x80000000)
     return tl.where(x != x, 0xFFFFFFFF, key).to(tl.uint32)
+
+
+@triton.jit
+def _coarse_digit(x):
+    """fp32 -> int32 in [0, 256): the top byte of the order key of x rounded
+    to fp16. Non-decreasing in x (NaN on top), so a higher digit means a
+    strictly higher score."""
+    x = tl.where(x == 0.0, 0.0, x)
+    h = x.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    negative = (h >> 15) == 1
+    key = tl.where(negative, ~h & 0xFFFF, h | 0x8000)
+    return tl.where(x != x, 255, key >> 8).to(tl.int32)
 
 
 @triton.jit
@@ -54,21 +86,55 @@ def _threshold_bin(hist, need, BINS: tl.constexpr):
 
 
 @triton.jit
-def _digit_hist(row_ptr, start, stop, prefix, PASS: tl.constexpr, RADIX_BITS: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """Histogram of pass PASS's digit over keys[start:stop] that match ``prefix``."""
+def _load_keys(row_ptr, index_ptr, offs, stop, listed, INDIRECT: tl.constexpr):
+    """(positions, keys, valid) of entries ``offs`` below ``stop``: the
+    positions are ``offs`` themselves and the scores are read from the row,
+    or (INDIRECT and ``listed``, a runtime flag) both come from a candidate
+    list of int64 entries (score bits << 32 | position)."""
+    valid = offs < stop
+    if INDIRECT:
+        from_list = offs < tl.where(listed, stop, 0)
+        entry = tl.load(index_ptr + offs, mask=from_list, other=0)
+        positions = tl.where(from_list, (entry & 0xFFFFFFFF).to(tl.int32), offs)
+        listed_scores = (entry >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        row_scores = tl.load(row_ptr + offs, mask=valid & (offs >= tl.where(listed, stop, 0)), other=0.0)
+        keys = _keys(tl.where(from_list, listed_scores, row_scores))
+    else:
+        positions = offs
+        keys = _keys(tl.load(row_ptr + positions, mask=valid, other=0.0))
+    return positions, keys, valid
+
+
+@triton.jit
+def _digit_hist(row_ptr, index_ptr, stop, listed, prefix, PASS: tl.constexpr, RADIX_BITS: tl.constexpr,
+                BLOCK: tl.constexpr, INDIRECT: tl.constexpr):
+    """Histogram of pass PASS's digit over entries [0, stop) whose keys match ``prefix``."""
     BINS: tl.constexpr = 1 << RADIX_BITS
     lo, width = _pass_shifts(PASS, RADIX_BITS)
     hist = tl.zeros([BINS], dtype=tl.int32)
-    for base in range(start, stop, BLOCK):
-        offs = base + tl.arange(0, BLOCK)
-        valid = offs < stop
-        key = _keys(tl.load(row_ptr + offs, mask=valid, other=0.0))
+    for base in range(0, stop, BLOCK):
+        _, key, valid = _load_keys(row_ptr, index_ptr, base + tl.arange(0, BLOCK), stop, listed, INDIRECT)
         if PASS > 0:
             valid = valid & ((key >> (lo + width)) == prefix)
         digit = ((key >> lo) & ((1 << width) - 1)).to(tl.int32)
         hist += tl.histogram(digit, BINS, mask=valid)
     return hist
+
+
+@triton.jit
+def _radix_threshold(row_ptr, index_ptr, stop, listed, need, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr,
+                     INDIRECT: tl.constexpr):
+    """(tau, need - #keys > tau): tau is the need-th largest key of entries [0, stop)."""
+    NPASS: tl.constexpr = (32 + RADIX_BITS - 1) // RADIX_BITS
+    BINS: tl.constexpr = 1 << RADIX_BITS
+    prefix = tl.zeros([], dtype=tl.uint32)
+    for p in tl.static_range(NPASS):
+        _, width_p = _pass_shifts(p, RADIX_BITS)
+        hist = _digit_hist(row_ptr, index_ptr, stop, listed, prefix, p, RADIX_BITS, BLOCK, INDIRECT)
+        chosen, above = _threshold_bin(hist, need, BINS)
+        need -= above
+        prefix = (prefix << width_p) | chosen.to(tl.uint32)
+    return prefix, need
 
 
 @triton.jit
@@ -93,26 +159,83 @@ def _fill_window(out_row, first_slot, slot_stride, n, topk, table_row, max_block
 
 
 @triton.jit
-def _select(row_ptr, out_row, start, stop, tau, gt_base, eq_base, eq_limit, table_row, max_blocks, block_size,
-            PAGED: tl.constexpr, BLOCK: tl.constexpr):
-    """Write keys[start:stop] > tau at slots gt_base.., and those == tau at
-    eq_base.. while below eq_limit. Returns the counts seen."""
-    n_gt = 0
-    n_eq = 0
-    for base in range(start, stop, BLOCK):
-        offs = base + tl.arange(0, BLOCK)
-        valid = offs < stop
-        key = _keys(tl.load(row_ptr + offs, mask=valid, other=0.0))
-        gt = valid & (key > tau)
-        eq = valid & (key == tau)
-        gt_slot = gt_base + n_gt + tl.cumsum(gt.to(tl.int32), 0) - 1
-        eq_slot = eq_base + n_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
-        _store_positions(out_row, gt_slot, offs, gt, table_row, max_blocks, block_size, PAGED)
-        _store_positions(out_row, eq_slot, offs, eq & (eq_slot < eq_limit), table_row, max_blocks, block_size,
-                         PAGED)
-        n_gt += tl.sum(gt.to(tl.int32), 0)
-        n_eq += tl.sum(eq.to(tl.int32), 0)
-    return n_gt, n_eq
+def _select(row_ptr, index_ptr, out_row, stop, listed, tau, gt_base, eq_base, eq_limit, table_row, max_blocks,
+            block_size, PAGED: tl.constexpr, BLOCK: tl.constexpr, INDIRECT: tl.constexpr):
+    """Write the positions of entries [0, stop) with key > tau at slots
+    gt_base.., and of those == tau at eq_base.. while below eq_limit."""
+    # Loop-carried: a literal base (a constexpr) must become a tensor first.
+    gt_base += tl.zeros([], dtype=tl.int32)
+    eq_base += tl.zeros([], dtype=tl.int32)
+    for base in range(0, stop, BLOCK):
+        positions, key, valid = _load_keys(row_ptr, index_ptr, base + tl.arange(0, BLOCK), stop, listed,
+                                           INDIRECT)
+        gt_base, eq_base = _write_winners(out_row, positions, key, valid, tau, gt_base, eq_base, eq_limit,
+                                          table_row, max_blocks, block_size, PAGED)
+
+
+@triton.jit
+def _write_winners(out_row, positions, key, valid, tau, gt_base, eq_base, eq_limit, table_row, max_blocks,
+                   block_size, PAGED: tl.constexpr):
+    """One block of the select: keys > tau to slots gt_base.., keys == tau to
+    eq_base.. below eq_limit. Returns the next free slot of each kind."""
+    gt = valid & (key > tau)
+    eq = valid & (key == tau)
+    # One scan for both counts: blocks are far below 2**16 entries.
+    packed = gt.to(tl.int32) + (eq.to(tl.int32) << 16)
+    before = tl.cumsum(packed, 0) - packed
+    gt_slot = gt_base + (before & 0xFFFF)
+    eq_slot = eq_base + (before >> 16)
+    _store_positions(out_row, gt_slot, positions, gt, table_row, max_blocks, block_size, PAGED)
+    _store_positions(out_row, eq_slot, positions, eq & (eq_slot < eq_limit), table_row, max_blocks,
+                     block_size, PAGED)
+    total = tl.sum(packed, 0)
+    return gt_base + (total & 0xFFFF), eq_base + (total >> 16)
+
+
+@triton.jit
+def _select_whole_row(row_ptr, out_row, n, topk, table_row, max_blocks, block_size, PAGED: tl.constexpr,
+                      RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """The top ``topk`` of keys[0, n) into out_row[0, topk), by one program."""
+    tau, need = _radix_threshold(row_ptr, row_ptr, n, False, topk, RADIX_BITS, BLOCK, False)
+    _select(row_ptr, row_ptr, out_row, n, False, tau, 0, topk - need, topk, table_row, max_blocks, block_size,
+            PAGED, BLOCK, False)
+
+
+@triton.jit
+def _bits_from(hi):
+    """uint32 mask of bits hi..31 (0 when hi is 32)."""
+    return (tl.full([], 0xFFFFFFFF, dtype=tl.uint64) << hi.to(tl.uint64)).to(tl.uint32)
+
+
+@triton.jit
+def _select_resident(row_ptr, cand_row, stop, listed, need, first_slot, topk, out_row, table_row, max_blocks,
+                     block_size, PAGED: tl.constexpr, RADIX_BITS: tl.constexpr, SIZE: tl.constexpr):
+    """The top ``need`` of entries [0, stop) (stop <= SIZE, loaded once and
+    held in registers) into slots first_slot..topk: every radix pass and the
+    select without a reload.
+
+    Candidates share their coarse bin, so their keys agree on the top bits;
+    the passes start below the highest bit where the smallest and largest
+    key differ (two or three 8-bit passes instead of four)."""
+    BINS: tl.constexpr = 1 << RADIX_BITS
+    positions, keys, valid = _load_keys(row_ptr, cand_row, tl.arange(0, SIZE), stop, listed, True)
+    smallest = tl.min(tl.where(valid, keys, 0xFFFFFFFF), 0)
+    spread = tl.max(tl.where(valid, keys, 0), 0) ^ smallest
+    # Bit length of the spread, from its float exponent; rounding up near a
+    # power of two only adds one harmless bit.
+    exponent = (spread.to(tl.float32).to(tl.uint32, bitcast=True) >> 23).to(tl.int32)
+    hi = tl.where(spread == 0, 0, tl.minimum(exponent - 126, 32))
+    tau = smallest & _bits_from(hi)
+    while hi > 0:
+        lo = tl.maximum(hi - RADIX_BITS, 0)
+        live = valid & ((keys & _bits_from(hi)) == tau)
+        digit = ((keys >> lo.to(tl.uint32)) & ((1 << (hi - lo)) - 1).to(tl.uint32)).to(tl.int32)
+        chosen, above = _threshold_bin(tl.histogram(digit, BINS, mask=live), need, BINS)
+        need -= above
+        tau = tau | (chosen.to(tl.uint32) << lo.to(tl.uint32))
+        hi = lo
+    _write_winners(out_row, positions, keys, valid, tau, first_slot, topk - need, topk, table_row, max_blocks,
+                   block_size, PAGED)
 
 
 @triton.jit
@@ -138,9 +261,7 @@ def sparse_topk_window_kernel(lens_ptr, out_ptr, table_ptr, width, topk, out_str
 def sparse_topk_row_kernel(logits_ptr, lens_ptr, out_ptr, table_ptr, width, topk, logits_stride, out_stride,
                            table_stride, max_blocks, block_size, PAGED: tl.constexpr, RADIX_BITS: tl.constexpr,
                            BLOCK: tl.constexpr):
-    """One program per row, every radix pass in registers. Grid (T,)."""
-    NPASS: tl.constexpr = (32 + RADIX_BITS - 1) // RADIX_BITS
-    BINS: tl.constexpr = 1 << RADIX_BITS
+    """One program per row, every radix pass over the row. Grid (T,)."""
     row = tl.program_id(0)
     n = _window_length(lens_ptr, row, width)
     out_row = out_ptr + row.to(tl.int64) * out_stride
@@ -149,60 +270,52 @@ def sparse_topk_row_kernel(logits_ptr, lens_ptr, out_ptr, table_ptr, width, topk
         _fill_window(out_row, 0, BLOCK, n, topk, table_row, max_blocks, block_size, PAGED, BLOCK)
     else:
         row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
-        prefix = tl.zeros([], dtype=tl.uint32)
-        need = topk
-        for p in tl.static_range(NPASS):
-            _, width_p = _pass_shifts(p, RADIX_BITS)
-            hist = _digit_hist(row_ptr, 0, n, prefix, p, RADIX_BITS, BLOCK)
-            chosen, above = _threshold_bin(hist, need, BINS)
-            need -= above
-            prefix = (prefix << width_p) | chosen.to(tl.uint32)
-        _select(row_ptr, out_row, 0, n, prefix, 0, topk - need, topk, table_row, max_blocks, block_size,
-                PAGED, BLOCK)
-
-
-@triton.jit
-def _prefix_from_workspace(hist_row, topk, PASSES: tl.constexpr, RADIX_BITS: tl.constexpr):
-    """tau's first PASSES digits (and what is still needed) from merged histograms."""
-    BINS: tl.constexpr = 1 << RADIX_BITS
-    prefix = tl.zeros([], dtype=tl.uint32)
-    need = topk
-    for p in tl.static_range(PASSES):
-        _, width_p = _pass_shifts(p, RADIX_BITS)
-        hist = tl.load(hist_row + p * BINS + tl.arange(0, BINS))
-        chosen, above = _threshold_bin(hist, need, BINS)
-        need -= above
-        prefix = (prefix << width_p) | chosen.to(tl.uint32)
-    return prefix, need
+        _select_whole_row(row_ptr, out_row, n, topk, table_row, max_blocks, block_size, PAGED, RADIX_BITS, BLOCK)
 
 
 @triton.jit(do_not_specialize=["width", "chunk"])
-def sparse_topk_hist_kernel(logits_ptr, lens_ptr, hist_ptr, width, topk, logits_stride, chunk,
-                            PASS: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass PASS of the split select: this program's chunk, merged with atomics.
-    Grid (T, SPLIT); hist_ptr is [T, NPASS, BINS] int32, zero before pass 0."""
-    NPASS: tl.constexpr = (32 + RADIX_BITS - 1) // RADIX_BITS
-    BINS: tl.constexpr = 1 << RADIX_BITS
+def sparse_topk_coarse_hist_kernel(logits_ptr, lens_ptr, head_ptr, width, topk, logits_stride, chunk,
+                                   BLOCK: tl.constexpr):
+    """Step 1 of the split path: the coarse histogram of this program's chunk,
+    added into head[row, :256] (zero before). Grid (T, SPLIT)."""
     row = tl.program_id(0)
     n = _window_length(lens_ptr, row, width)
     start = tl.program_id(1) * chunk
     if (n > topk) & (start < n):
-        hist_row = hist_ptr + row.to(tl.int64) * (NPASS * BINS)
-        prefix, _ = _prefix_from_workspace(hist_row, topk, PASS, RADIX_BITS)
         row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
-        hist = _digit_hist(row_ptr, start, tl.minimum(start + chunk, n), prefix, PASS, RADIX_BITS, BLOCK)
-        bins = tl.arange(0, BINS)
-        tl.atomic_add(hist_row + PASS * BINS + bins, hist, mask=hist > 0)
+        stop = tl.minimum(start + chunk, n)
+        hist = tl.zeros([COARSE_BINS], dtype=tl.int32)
+        scores = tl.load(row_ptr + start + tl.arange(0, BLOCK), mask=start + tl.arange(0, BLOCK) < stop, other=0.0)
+        for base in range(start, stop, BLOCK):
+            offs = base + tl.arange(0, BLOCK)
+            ahead = offs + BLOCK
+            next_scores = tl.load(row_ptr + ahead, mask=ahead < stop, other=0.0)  # in flight during the histogram
+            hist += tl.histogram(_coarse_digit(scores), COARSE_BINS, mask=offs < stop)
+            scores = next_scores
+        bins = tl.arange(0, COARSE_BINS)
+        tl.atomic_add(head_ptr + row.to(tl.int64) * HEAD_STRIDE + bins, hist, mask=hist > 0, sem="relaxed")
+
+
+@triton.jit
+def _coarse_split(head_row, topk):
+    """From a row's merged coarse histogram: (the bin holding the topk-th
+    score, the count of scores above that bin, the count inside it)."""
+    bins = tl.arange(0, COARSE_BINS)
+    hist = tl.load(head_row + bins)
+    chosen, above = _threshold_bin(hist, topk, COARSE_BINS)
+    inside = tl.sum(tl.where(bins == chosen, hist, 0), 0)
+    return chosen, above, inside
 
 
 @triton.jit(do_not_specialize=["width", "max_blocks", "chunk"])
-def sparse_topk_select_kernel(logits_ptr, lens_ptr, hist_ptr, count_ptr, out_ptr, table_ptr, width, topk,
-                              logits_stride, out_stride, table_stride, max_blocks, block_size, chunk,
-                              PAGED: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """Last step of the split select: write the chunk's winners at slots
-    reserved with atomic counters (count_ptr [T, 2] int32, zero). Grid (T, SPLIT)."""
-    NPASS: tl.constexpr = (32 + RADIX_BITS - 1) // RADIX_BITS
-    BINS: tl.constexpr = 1 << RADIX_BITS
+def sparse_topk_partition_kernel(logits_ptr, lens_ptr, head_ptr, cand_ptr, out_ptr, table_ptr, width, topk,
+                                 logits_stride, out_stride, table_stride, max_blocks, block_size, chunk, capacity,
+                                 PAGED: tl.constexpr, BLOCK: tl.constexpr):
+    """Step 2 of the split path: this chunk's scores above the threshold bin
+    to the output (slots 0.. of the row, reserved with head[row, 256]), its
+    scores inside the bin to the candidate list cand[row, :capacity] (int64
+    entries, reserved with head[row, 257]). Rows that fit in topk get their window.
+    Grid (T, SPLIT)."""
     row = tl.program_id(0)
     part = tl.program_id(1)
     n = _window_length(lens_ptr, row, width)
@@ -212,21 +325,81 @@ def sparse_topk_select_kernel(logits_ptr, lens_ptr, hist_ptr, count_ptr, out_ptr
         _fill_window(out_row, part * BLOCK, tl.num_programs(1) * BLOCK, n, topk, table_row, max_blocks,
                      block_size, PAGED, BLOCK)
     else:
+        head_row = head_ptr + row.to(tl.int64) * HEAD_STRIDE
+        chosen, _, inside = _coarse_split(head_row, topk)
         start = part * chunk
         stop = tl.minimum(start + chunk, n)
-        if start < stop:
-            hist_row = hist_ptr + row.to(tl.int64) * (NPASS * BINS)
-            tau, need = _prefix_from_workspace(hist_row, topk, NPASS, RADIX_BITS)
+        if (inside <= capacity) & (start < stop):
             row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
-            # Count this chunk's winners, reserve their slots, then write them.
-            n_gt = 0
-            n_eq = 0
+            cand_row = cand_ptr + row.to(tl.int64) * capacity
+            # Each score that moves takes its slot with its own atomic: only a
+            # few percent of the lanes are active, and a block-wide scan to
+            # share one atomic costs more than those (measured on sm90).
+            counters = head_row + COARSE_BINS + tl.zeros([BLOCK], dtype=tl.int32)
+            # The next block's load is issued before this block's atomics, so
+            # their round trips overlap.
+            scores = tl.load(row_ptr + start + tl.arange(0, BLOCK), mask=start + tl.arange(0, BLOCK) < stop,
+                             other=0.0)
             for base in range(start, stop, BLOCK):
                 offs = base + tl.arange(0, BLOCK)
-                key = _keys(tl.load(row_ptr + offs, mask=offs < stop, other=0.0))
-                n_gt += tl.sum(((offs < stop) & (key > tau)).to(tl.int32), 0)
-                n_eq += tl.sum(((offs < stop) & (key == tau)).to(tl.int32), 0)
-            gt_base = tl.atomic_add(count_ptr + row.to(tl.int64) * 2, n_gt)
-            eq_base = tl.atomic_add(count_ptr + row.to(tl.int64) * 2 + 1, n_eq)
-            _select(row_ptr, out_row, start, stop, tau, gt_base, topk - need + eq_base, topk, table_row,
-                    max_blocks, block_size, PAGED, BLOCK)
+                valid = offs < stop
+                ahead = offs + BLOCK
+                next_scores = tl.load(row_ptr + ahead, mask=ahead < stop, other=0.0)
+                digit = _coarse_digit(scores)
+                win = valid & (digit > chosen)
+                maybe = valid & (digit == chosen)
+                win_slot = tl.atomic_add(counters, 1, mask=win, sem="relaxed")
+                maybe_slot = tl.atomic_add(counters + 1, 1, mask=maybe, sem="relaxed")
+                _store_positions(out_row, win_slot, offs, win, table_row, max_blocks, block_size, PAGED)
+                # The score travels with its position: the last step then
+                # reads the list alone, with no dependent gather from the row.
+                entry = (scores.to(tl.int32, bitcast=True).to(tl.int64) << 32) | offs.to(tl.int64)
+                tl.store(cand_row + maybe_slot, entry, mask=maybe)
+                scores = next_scores
+
+
+@triton.jit(do_not_specialize=["width", "max_blocks"])
+def sparse_topk_candidates_kernel(logits_ptr, lens_ptr, head_ptr, cand_ptr, out_ptr, table_ptr, width, topk,
+                                  logits_stride, out_stride, table_stride, max_blocks, block_size, capacity,
+                                  PAGED: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr,
+                                  RESIDENT: tl.constexpr):
+    """Step 3 of the split path: the radix select over the row's candidates
+    fills the slots the partition left; a row whose threshold bin overflowed
+    the candidate list is selected whole here. Up to RESIDENT entries are
+    held in registers across the passes (in a block of RESIDENT / 16, / 4,
+    / 2 or RESIDENT); more are streamed BLOCK at a time.
+    Grid (T,)."""
+    row = tl.program_id(0)
+    n = _window_length(lens_ptr, row, width)
+    if n > topk:
+        head_row = head_ptr + row.to(tl.int64) * HEAD_STRIDE
+        _, above, inside = _coarse_split(head_row, topk)
+        row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
+        out_row = out_ptr + row.to(tl.int64) * out_stride
+        table_row = table_ptr + row.to(tl.int64) * table_stride
+        # The list's entries [0, inside) with the partition's winners before
+        # them, or (the list overflowed) the whole row [0, n) from slot 0.
+        listed = inside <= capacity
+        stop = tl.where(listed, inside, n)
+        first_slot = tl.where(listed, above, 0)
+        cand_row = cand_ptr + row.to(tl.int64) * capacity
+        # The usual cases: every entry stays in registers for all passes, in
+        # the smallest block of a ladder that holds the list (a histogram
+        # costs per slot, used or not).
+        if stop <= RESIDENT // 16:
+            _select_resident(row_ptr, cand_row, stop, listed, topk - first_slot, first_slot, topk, out_row,
+                             table_row, max_blocks, block_size, PAGED, RADIX_BITS, RESIDENT // 16)
+        elif stop <= RESIDENT // 4:
+            _select_resident(row_ptr, cand_row, stop, listed, topk - first_slot, first_slot, topk, out_row,
+                             table_row, max_blocks, block_size, PAGED, RADIX_BITS, RESIDENT // 4)
+        elif stop <= RESIDENT // 2:
+            _select_resident(row_ptr, cand_row, stop, listed, topk - first_slot, first_slot, topk, out_row,
+                             table_row, max_blocks, block_size, PAGED, RADIX_BITS, RESIDENT // 2)
+        elif stop <= RESIDENT:
+            _select_resident(row_ptr, cand_row, stop, listed, topk - first_slot, first_slot, topk, out_row,
+                             table_row, max_blocks, block_size, PAGED, RADIX_BITS, RESIDENT)
+        else:
+            tau, need = _radix_threshold(row_ptr, cand_row, stop, listed, topk - first_slot, RADIX_BITS, BLOCK,
+                                         True)
+            _select(row_ptr, cand_row, out_row, stop, listed, tau, first_slot, topk - need, topk, table_row,
+                    max_blocks, block_size, PAGED, BLOCK, True)

@@ -4,8 +4,9 @@
   ``L <= topk``): one launch of the window fill; the scores are never read.
 - General path: a radix select per row (see the kernel module). SPLIT = 1
   runs one program per row with every pass in one launch; SPLIT > 1 cuts each
-  row into SPLIT chunks and runs NPASS histogram launches and one select
-  launch over a zeroed workspace. Rows whose window fits in topk are filled
+  row into SPLIT chunks for a coarse histogram and a partition launch (each
+  reads the row once), then one program per row selects among the few
+  candidates left: a memset and three launches. Rows whose window fits in topk are filled
   in either path, so no host-side decision (and no sync) is needed: the op
   is CUDA-graph capturable.
 """
@@ -20,9 +21,13 @@ import triton
 
 from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2
 from rocmoe.backends.triton._sparse_topk_kernel import (
-    sparse_topk_hist_kernel,
+    HEAD_STRIDE as _HEAD_STRIDE,
+)
+from rocmoe.backends.triton._sparse_topk_kernel import (
+    sparse_topk_candidates_kernel,
+    sparse_topk_coarse_hist_kernel,
+    sparse_topk_partition_kernel,
     sparse_topk_row_kernel,
-    sparse_topk_select_kernel,
     sparse_topk_window_kernel,
 )
 from rocmoe.configs import ConfigSpec, register_spec
@@ -31,17 +36,31 @@ from rocmoe.device import Device
 __all__ = ["TopkConfig", "SPEC", "TUNING", "launch_window", "launch_select", "build_variants", "IMPLEMENTATION"]
 
 WINDOW_BLOCK = 1024
+HEAD_STRIDE = int(_HEAD_STRIDE.value)
+#: Register ceiling of the candidates kernel on NVIDIA. Left alone, ptxas
+#: aims at 64 registers and spills the largest resident block; with room for
+#: 78 it spills nothing (build-check).
+SELECT_MAX_REGISTERS = 128
+
+
+def _select_options(device: Device) -> dict[str, int]:
+    """Launch options of the candidates kernel beyond num_warps, per vendor
+    (the AMD compiler rejects ``maxnreg``)."""
+    return {"maxnreg": SELECT_MAX_REGISTERS} if device.vendor == "nvidia" else {}
 
 
 @dataclass(frozen=True)
 class TopkConfig:
     """BLOCK scores per step, SPLIT programs per row (1 = one fused launch),
-    RADIX_BITS per pass (8: 4 passes of 256 bins; 11: 3 passes of 2048)."""
+    RADIX_BITS per pass (8: 4 passes of 256 bins; 11: 3 passes of 2048),
+    RESIDENT: candidates the split path's last step keeps in registers
+    (a power of two; more are streamed BLOCK at a time)."""
 
     BLOCK: int
     num_warps: int
     SPLIT: int = 1
     RADIX_BITS: int = 11
+    RESIDENT: int = 4096
 
     @property
     def passes(self) -> int:
@@ -49,15 +68,24 @@ class TopkConfig:
         return -(-32 // self.RADIX_BITS)
 
 
-def _heuristic(warp_size: int, warps: int):
+def resident_candidates(num_warps: int, warp_size: int = 32) -> int:
+    """Candidates the last step holds in registers: 16 per lane of a 32-wide
+    warp, 4 per lane of a 64-wide one (more spills, build-check says)."""
+    return (16 if warp_size == 32 else 4) * warp_size * num_warps
+
+
+def _heuristic(warps: int, warp_size: int):
     def choose(regime: Mapping[str, int]) -> TopkConfig:
         tokens, seq_len, units = regime["tokens"], regime["seq_len"], regime["compute_units"]
-        block = 2048 if seq_len >= 16384 else 1024
-        # Enough programs for two per compute unit, but chunks of at least 4 steps.
-        split = max(1, min(2 * units // max(tokens, 1), seq_len // (4 * block)))
-        # 8-bit digits: four passes of 256 bins beat three of 2048 at every
-        # shape the sm90 tune measured.
-        return TopkConfig(block, warps, next_power_of_2(split) if split > 1 else 1, 8)
+        block = 1024
+        # Short chunks (one step each) and up to 16 programs per compute unit:
+        # the split path's passes are bound by latency, not bandwidth, below that.
+        split = max(1, min(16 * units // max(tokens, 1), seq_len // block))
+        split = 1 << (split.bit_length() - 1)
+        # Over whole rows 8-bit digits (256 bins) beat 11-bit ones; over the
+        # split path's candidates 6-bit ones win (the sm90 tune, every shape).
+        radix = 6 if split > 1 else 8
+        return TopkConfig(block, warps, split, radix, resident_candidates(warps, warp_size))
 
     return choose
 
@@ -68,10 +96,10 @@ SPEC = register_spec(ConfigSpec(
     params=TopkConfig,
     regime_keys=("tokens", "seq_len", "compute_units"),
     heuristics={
-        "cdna3": _heuristic(64, 4),
-        "cdna4": _heuristic(64, 4),
-        "amd": _heuristic(64, 4),
-        "default": _heuristic(32, 8),
+        "cdna3": _heuristic(4, 64),
+        "cdna4": _heuristic(4, 64),
+        "amd": _heuristic(4, 64),
+        "default": _heuristic(8, 32),
     },
 ))
 
@@ -94,16 +122,28 @@ def launch_window(seq_lens: torch.Tensor, width: int, topk: int, out: torch.Tens
                                         bs, PAGED=paged, BLOCK=block, num_warps=4)
 
 
-def workspace_numel(num_tokens: int, config: TopkConfig) -> int:
-    """int32 elements of the split path's workspace: [T, NPASS * BINS]
-    histograms, then [T, 2] slot counters, zeroed by one memset."""
-    return num_tokens * (config.passes * (1 << config.RADIX_BITS) + 2)
+def candidate_capacity(width: int, topk: int) -> int:
+    """Candidates per row the split path keeps (positions in the threshold
+    bin): room for any row of a window up to 8 * topk, an eighth of the row
+    beyond. A row whose bin overflows it is selected whole by one program."""
+    return min(width, max(8 * topk, width // 8))
+
+
+def workspace_numel(num_tokens: int, width: int, topk: int, capacity: int | None = None) -> int:
+    """int32 elements of the split path's workspace: a zeroed [T, HEAD_STRIDE]
+    head (coarse histograms and two counters), then [T, capacity] int64
+    candidates (score bits and position)."""
+    capacity = candidate_capacity(width, topk) if capacity is None else capacity
+    return num_tokens * (HEAD_STRIDE + 2 * capacity)
 
 
 def launch_select(logits: torch.Tensor, seq_lens: torch.Tensor, topk: int, out: torch.Tensor,
                   config: TopkConfig, block_table: torch.Tensor | None = None, block_size: int | None = None,
-                  workspace: torch.Tensor | None = None) -> None:
-    """The general path with an explicit config (the tuner and build-check use this)."""
+                  workspace: torch.Tensor | None = None, capacity: int | None = None) -> None:
+    """The general path with an explicit config (the tuner and build-check use
+    this). ``workspace``: optional int32 scratch of at least
+    :func:`workspace_numel` elements (its head is zeroed here); ``capacity``
+    overrides :func:`candidate_capacity` (tests use it to overflow the list)."""
     num_tokens, width = logits.shape
     table, table_stride, max_blocks, bs, paged = _table_args(block_table, block_size, seq_lens)
     with launch_device(logits):
@@ -113,23 +153,26 @@ def launch_select(logits: torch.Tensor, seq_lens: torch.Tensor, topk: int, out: 
                 max_blocks, bs, PAGED=paged, RADIX_BITS=config.RADIX_BITS, BLOCK=config.BLOCK,
                 num_warps=config.num_warps)
             return
-        numel = workspace_numel(num_tokens, config)
+        capacity = candidate_capacity(width, topk) if capacity is None else capacity
+        numel = workspace_numel(num_tokens, width, topk, capacity)
         if workspace is None:
-            workspace = torch.zeros(numel, dtype=torch.int32, device=logits.device)
-        else:
-            workspace = workspace.view(-1)[:numel]
-            workspace.zero_()
-        hist, counts = workspace[:numel - 2 * num_tokens], workspace[numel - 2 * num_tokens:]
+            workspace = torch.empty(numel, dtype=torch.int32, device=logits.device)
+        workspace = workspace.view(-1)[:numel]
+        head = workspace[:num_tokens * HEAD_STRIDE]
+        candidates = workspace[num_tokens * HEAD_STRIDE:].view(torch.int64)  # 8-byte aligned: HEAD_STRIDE is even
+        head.zero_()
         chunk = triton.cdiv(triton.cdiv(width, config.SPLIT), config.BLOCK) * config.BLOCK
         grid = (num_tokens, config.SPLIT)
-        for p in range(config.passes):
-            sparse_topk_hist_kernel[grid](logits, seq_lens, hist, width, topk, logits.stride(0), chunk,
-                                          PASS=p, RADIX_BITS=config.RADIX_BITS, BLOCK=config.BLOCK,
-                                          num_warps=config.num_warps)
-        sparse_topk_select_kernel[grid](
-            logits, seq_lens, hist, counts, out, table, width, topk, logits.stride(0), out.stride(0),
-            table_stride, max_blocks, bs, chunk, PAGED=paged, RADIX_BITS=config.RADIX_BITS, BLOCK=config.BLOCK,
+        sparse_topk_coarse_hist_kernel[grid](logits, seq_lens, head, width, topk, logits.stride(0), chunk,
+                                             BLOCK=config.BLOCK, num_warps=config.num_warps)
+        sparse_topk_partition_kernel[grid](
+            logits, seq_lens, head, candidates, out, table, width, topk, logits.stride(0), out.stride(0),
+            table_stride, max_blocks, bs, chunk, capacity, PAGED=paged, BLOCK=config.BLOCK,
             num_warps=config.num_warps)
+        sparse_topk_candidates_kernel[(num_tokens,)](
+            logits, seq_lens, head, candidates, out, table, width, topk, logits.stride(0), out.stride(0),
+            table_stride, max_blocks, bs, capacity, PAGED=paged, RADIX_BITS=config.RADIX_BITS, BLOCK=config.BLOCK,
+            RESIDENT=config.RESIDENT, num_warps=config.num_warps, **_select_options(Device.of(logits)))
 
 
 def _regime(device: Device, num_tokens: int, width: int) -> dict[str, int]:
@@ -211,20 +254,26 @@ def build_variants(arch: str):
                                ("logits_stride", "i32"), ("out_stride", "i32"), *table_args),
                     constexprs=(("PAGED", paged), *common), options=options, label=f"{label} paged={paged}"))
             continue
-        for p in range(cfg.passes):
-            builds.append(KernelBuild(
-                op="sparse_topk", kernel=_KERNELS + "sparse_topk_hist_kernel",
-                signature=(("logits_ptr", "*fp32"), ("lens_ptr", "*i32"), ("hist_ptr", "*i32"), ("width", "i32"),
-                           ("topk", "i32"), ("logits_stride", "i32"), ("chunk", "i32")),
-                constexprs=(("PASS", p), *common), options=options, label=f"{label} pass={p}"))
+        builds.append(KernelBuild(
+            op="sparse_topk", kernel=_KERNELS + "sparse_topk_coarse_hist_kernel",
+            signature=(("logits_ptr", "*fp32"), ("lens_ptr", "*i32"), ("head_ptr", "*i32"), ("width", "i32"),
+                       ("topk", "i32"), ("logits_stride", "i32"), ("chunk", "i32")),
+            constexprs=(("BLOCK", cfg.BLOCK),), options=options, label=f"{label} coarse histogram"))
+        split_args = (("logits_ptr", "*fp32"), ("lens_ptr", "*i32"), ("head_ptr", "*i32"), ("cand_ptr", "*i64"),
+                      ("out_ptr", "*i32"), ("table_ptr", "*i32"), ("width", "i32"), ("topk", "i32"),
+                      ("logits_stride", "i32"), ("out_stride", "i32"), *table_args)
         for paged in (False, True):
             builds.append(KernelBuild(
-                op="sparse_topk", kernel=_KERNELS + "sparse_topk_select_kernel",
-                signature=(("logits_ptr", "*fp32"), ("lens_ptr", "*i32"), ("hist_ptr", "*i32"),
-                           ("count_ptr", "*i32"), ("out_ptr", "*i32"), ("table_ptr", "*i32"), ("width", "i32"),
-                           ("topk", "i32"), ("logits_stride", "i32"), ("out_stride", "i32"), *table_args,
-                           ("chunk", "i32")),
-                constexprs=(("PAGED", paged), *common), options=options, label=f"{label} select paged={paged}"))
+                op="sparse_topk", kernel=_KERNELS + "sparse_topk_partition_kernel",
+                signature=(*split_args, ("chunk", "i32"), ("capacity", "i32")),
+                constexprs=(("PAGED", paged), ("BLOCK", cfg.BLOCK)), options=options,
+                label=f"{label} partition paged={paged}"))
+            builds.append(KernelBuild(
+                op="sparse_topk", kernel=_KERNELS + "sparse_topk_candidates_kernel",
+                signature=(*split_args, ("capacity", "i32")),
+                constexprs=(("PAGED", paged), *common, ("RESIDENT", cfg.RESIDENT)),
+                options=(*options, *_select_options(Device.from_arch(arch)).items()),
+                label=f"{label} resident={cfg.RESIDENT} candidates paged={paged}"))
     return builds
 
 
@@ -233,14 +282,19 @@ def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[TopkConf
     cands = []
     for block in (1024, 2048):  # 4096-wide select steps spill on sm90 (build-check)
         for warps in (4, 8):
-            for radix in (8, 11):
-                for split in (1, 2, 4, 8, 16, 32, 64):
-                    if split > 1 and (width // split < 2 * block or tokens * split > 8 * regime["compute_units"]):
+            for radix in (6, 8, 11):
+                for split in (1, 2, 4, 8, 16, 32, 64, 128):
+                    # 2048-bin histograms only pay off over whole rows, 64-bin
+                    # ones only over the split path's few candidates.
+                    if (split > 1 and radix == 11) or (split == 1 and radix == 6):
+                        continue
+                    if split > 1 and (width // split < block or tokens * split > 32 * regime["compute_units"]):
                         continue
                     # One program per row holds the whole histogram: wider steps spill.
                     if split == 1 and (block > 1024 or (radix == 11 and warps < 8)):
                         continue
-                    cands.append(TopkConfig(block, warps, split, radix))
+                    resident = resident_candidates(warps, device.limits.warp_size)
+                    cands.append(TopkConfig(block, warps, split, radix, resident))
     return cands
 
 

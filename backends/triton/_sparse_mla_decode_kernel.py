@@ -99,7 +99,7 @@ def _sink_factor(lse2, sink_ptr, heads, head_ok):
     return 1.0 / (1.0 + tl.exp2(sink * _LOG2E - lse2))
 
 
-@triton.jit(do_not_specialize=["rows", "xrows", "chunk"])
+@triton.jit(do_not_specialize=["rows", "xrows"])
 def sparse_mla_decode_kernel(
     q_ptr, cache_ptr, idx_ptr, len_ptr, xcache_ptr, xidx_ptr, xlen_ptr, sink_ptr,
     out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
@@ -160,29 +160,29 @@ def sparse_mla_decode_kernel(
 @triton.jit(do_not_specialize=["split"])
 def sparse_mla_reduce_kernel(part_out_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_ptr, num_heads, d_v,
                              out_stride_t, out_stride_h, lse_stride, split,
-                             BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINK: tl.constexpr):
-    """Merge ``split`` partials per (token, head block). Grid (T, cdiv(H, BLOCK_H))."""
+                             BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+                             HAS_SINK: tl.constexpr):
+    """Merge ``split`` (<= BLOCK_S) partials per (token, head block, d_v
+    block). Every partial is loaded at once (one memory round trip, not one per
+    split: at small batch this kernel's latency is the decode's tail).
+    Grid (T, cdiv(H, BLOCK_H), cdiv(d_v, BLOCK_DV))."""
     t64 = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_ok = heads < num_heads
-    cols = tl.arange(0, BLOCK_DV)
+    cols = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     col_ok = cols < d_v
-    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    for s in range(split):
-        m = tl.maximum(m, tl.load(part_lse_ptr + (t64 * split + s) * num_heads + heads, mask=head_ok,
-                                  other=float("-inf")))
+    parts = tl.arange(0, BLOCK_S)
+    slots = t64 * split + parts  # [S]
+    rows = slots[:, None] * num_heads + heads[None, :]  # [S, H]
+    lse_s = tl.load(part_lse_ptr + rows, mask=(parts < split)[:, None] & head_ok[None, :], other=float("-inf"))
+    has = lse_s > float("-inf")
+    part = tl.load(part_out_ptr + rows[:, :, None] * d_v + cols[None, None, :],
+                   mask=has[:, :, None] & col_ok[None, None, :], other=0.0)  # [S, H, DV]
+    m = tl.max(lse_s, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
-    for s in range(split):
-        slot = t64 * split + s
-        lse_s = tl.load(part_lse_ptr + slot * num_heads + heads, mask=head_ok, other=float("-inf"))
-        w = tl.exp2(lse_s - m_safe)
-        has = lse_s > float("-inf")
-        part = tl.load(part_out_ptr + (slot * num_heads + heads[:, None].to(tl.int64)) * d_v + cols[None, :],
-                       mask=has[:, None] & head_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.where(has, w, 0.0)[:, None] * part
-        total += tl.where(has, w, 0.0)
+    w = tl.where(has, tl.exp2(lse_s - m_safe[None, :]), 0.0)
+    total = tl.sum(w, axis=0)
+    acc = tl.sum(w[:, :, None] * part, axis=0)  # [H, DV]
     any_key = total > 0
     lse2 = m_safe + tl.log2(tl.where(any_key, total, 1.0))
     out = acc / tl.where(any_key, total, 1.0)[:, None]
@@ -190,4 +190,5 @@ def sparse_mla_reduce_kernel(part_out_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_
         out = out * _sink_factor(lse2, sink_ptr, heads, head_ok)[:, None]
     out_rows = out_ptr + t64 * out_stride_t + heads[:, None].to(tl.int64) * out_stride_h
     tl.store(out_rows + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & col_ok[None, :])
-    tl.store(lse_ptr + t64 * lse_stride + heads, tl.where(any_key, lse2 * _LN2, float("inf")), mask=head_ok)
+    if tl.program_id(2) == 0:
+        tl.store(lse_ptr + t64 * lse_stride + heads, tl.where(any_key, lse2 * _LN2, float("inf")), mask=head_ok)

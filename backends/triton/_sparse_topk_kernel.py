@@ -273,7 +273,7 @@ def sparse_topk_row_kernel(logits_ptr, lens_ptr, out_ptr, table_ptr, width, topk
         _select_whole_row(row_ptr, out_row, n, topk, table_row, max_blocks, block_size, PAGED, RADIX_BITS, BLOCK)
 
 
-@triton.jit(do_not_specialize=["width", "chunk"])
+@triton.jit(do_not_specialize=["width"])
 def sparse_topk_coarse_hist_kernel(logits_ptr, lens_ptr, head_ptr, width, topk, logits_stride, chunk,
                                    BLOCK: tl.constexpr):
     """Step 1 of the split path: the coarse histogram of this program's chunk,
@@ -307,7 +307,7 @@ def _coarse_split(head_row, topk):
     return chosen, above, inside
 
 
-@triton.jit(do_not_specialize=["width", "max_blocks", "chunk"])
+@triton.jit(do_not_specialize=["width", "max_blocks"])
 def sparse_topk_partition_kernel(logits_ptr, lens_ptr, head_ptr, cand_ptr, out_ptr, table_ptr, width, topk,
                                  logits_stride, out_stride, table_stride, max_blocks, block_size, chunk, capacity,
                                  PAGED: tl.constexpr, BLOCK: tl.constexpr):

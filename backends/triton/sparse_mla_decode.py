@@ -27,6 +27,16 @@ __all__ = ["MlaConfig", "SPEC", "TUNING", "launch", "launch_config", "split_dims
            "IMPLEMENTATION"]
 
 REDUCE_BLOCK_H = 8
+#: fp32 partial elements one reduce program holds (split x heads x d_v block):
+#: 32 per thread of its four warps (twice that spills on CDNA, build-check).
+REDUCE_TILE = 4096
+
+
+def reduce_blocks(split: int) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_DV) of the reduce for ``split`` partials: all of them at
+    once, and as much of d_v as the tile leaves room for."""
+    block_s = next_power_of_2(split)
+    return block_s, max(16, REDUCE_TILE // (block_s * REDUCE_BLOCK_H))
 _CDNA = frozenset({"cdna3", "cdna4", "amd"})
 
 
@@ -146,10 +156,11 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
         if split > 1:
-            sparse_mla_reduce_kernel[(num_tokens, triton.cdiv(num_heads, REDUCE_BLOCK_H))](
+            block_s, block_dv = reduce_blocks(split)
+            sparse_mla_reduce_kernel[(num_tokens, triton.cdiv(num_heads, REDUCE_BLOCK_H), triton.cdiv(d_v, block_dv))](
                 part_out, part_lse, lse_out if attn_sink is None else attn_sink, out, lse_out, num_heads, d_v,
                 out.stride(0), out.stride(1), lse_out.stride(0), split,
-                BLOCK_H=REDUCE_BLOCK_H, BLOCK_DV=next_power_of_2(d_v), HAS_SINK=attn_sink is not None,
+                BLOCK_H=REDUCE_BLOCK_H, BLOCK_DV=block_dv, BLOCK_S=block_s, HAS_SINK=attn_sink is not None,
                 num_warps=4,
             )
 
@@ -213,7 +224,9 @@ def build_variants(arch: str):
         for when, cfg in table.entries:
             dims = (when["head_dim"][0],) if "head_dim" in when else tuple({dim for _, dim, *_ in BENCH_SHAPES})
             jobs |= {(dim, has_extra, cfg) for dim in dims for has_extra in extras}
-    # The split count is a runtime argument: one build per "partial or not".
+    # The split count is a runtime argument of the decode kernel: one build per
+    # "partial or not"; the reduce is built per split (its block shapes follow it).
+    full_jobs = jobs
     jobs = {(dim, has_extra, dataclasses.replace(cfg, SPLIT=min(cfg.SPLIT, 2))) for dim, has_extra, cfg in jobs}
     builds = []
     for (dim, has_extra, cfg), wide in itertools.product(sorted(jobs, key=repr), (False, True)):
@@ -237,14 +250,16 @@ def build_variants(arch: str):
                    f"warps={cfg.num_warps} stages={cfg.num_stages} {'partial' if cfg.SPLIT > 1 else 'final'}"
                    f"{' int64' if wide else ''}"),
             expects_dot=True))
-    for sink in (False, True):
+    for split, sink in itertools.product(sorted({cfg.SPLIT for *_, cfg in full_jobs if cfg.SPLIT > 1}), (False, True)):
+        block_s, block_dv = reduce_blocks(split)
         builds.append(KernelBuild(
             op="sparse_mla_decode", kernel=_KERNELS + "sparse_mla_reduce_kernel",
             signature=(("part_out_ptr", "*fp32"), ("part_lse_ptr", "*fp32"), ("sink_ptr", "*fp32"),
                        ("out_ptr", "*bf16"), ("lse_ptr", "*fp32"), ("num_heads", "i32"), ("d_v", "i32"),
                        ("out_stride_t", "i32"), ("out_stride_h", "i32"), ("lse_stride", "i32"), ("split", "i32")),
-            constexprs=(("BLOCK_H", REDUCE_BLOCK_H), ("BLOCK_DV", 512), ("HAS_SINK", sink)),
-            options=(("num_warps", 4),), label=f"reduce sink={sink}"))
+            constexprs=(("BLOCK_H", REDUCE_BLOCK_H), ("BLOCK_DV", block_dv), ("BLOCK_S", block_s),
+                        ("HAS_SINK", sink)),
+            options=(("num_warps", 4),), label=f"reduce split={split} BLOCK_DV={block_dv} sink={sink}"))
     return builds
 
 
@@ -261,8 +276,8 @@ def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfi
     for block_h, block_n, warps in _TUNE_SHAPES:
         if block_h > max(16, next_power_of_2(heads)):
             continue
-        for split in (1, 2, 4, 8, 16, 32):
-            if split > 1 and (keys // split < 2 * block_n
+        for split in (1, 2, 4, 8, 16, 32, 64):
+            if split > 1 and (keys // split < block_n
                               or tokens * -(-heads // block_h) * split > 4 * device.limits.compute_units):
                 continue
             cands.append(MlaConfig(block_h, block_n, warps, 1, split))

@@ -17,8 +17,7 @@ from reference import mla_ref, moe_ref
 
 import rocmoe
 from rocmoe import registry
-from rocmoe.backends.aiter import mxfp4_moe as aiter_moe
-from rocmoe.backends.aiter import sparse_mla_decode as aiter_mla
+from rocmoe.backends.aiter import mxfp4_moe as aiter_moe, sparse_mla_decode as aiter_mla
 from rocmoe.device import Device
 from rocmoe.ops.mxfp4_moe import Mxfp4MoeProblem
 from rocmoe.ops.sparse_mla_decode import SparseMlaProblem

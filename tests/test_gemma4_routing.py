@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import adversarial_routing_logits, is_poisoned, poison
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from reference import routing_ref
 
 import rocmoe

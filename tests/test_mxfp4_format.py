@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from reference import E2M1, dequant_loop
 
 from rocmoe import dequantize_mxfp4, quantize_mxfp4

@@ -12,8 +12,7 @@ from conftest import is_poisoned, poison
 from reference import moe_ref
 
 import rocmoe
-from rocmoe.backends.triton import _mxfp4_moe_kernel as kernels
-from rocmoe.backends.triton import mxfp4_moe as triton_moe
+from rocmoe.backends.triton import _mxfp4_moe_kernel as kernels, mxfp4_moe as triton_moe
 from rocmoe.backends.triton.mxfp4_moe import MoeConfig, launch, to_triton_layout, workspace_bytes
 
 H, I = 64, 96  # I = 96: a 64-wide K step of GEMM2 ends in a masked half step

@@ -6,9 +6,9 @@
   runs one program per row with every pass in one launch; SPLIT > 1 cuts each
   row into SPLIT chunks for a coarse histogram and a partition launch (each
   reads the row once), then one program per row selects among the few
-  candidates left: a memset and three launches. Rows whose window fits in topk are filled
-  in either path, so no host-side decision (and no sync) is needed: the op
-  is CUDA-graph capturable.
+  candidates left: a memset and three launches. Rows whose window fits in
+  topk are filled in either path, so no host-side decision (and no sync) is
+  needed: the op is CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import triton
 from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2
 from rocmoe.backends.triton._sparse_topk_kernel import (
     HEAD_STRIDE as _HEAD_STRIDE,
-)
-from rocmoe.backends.triton._sparse_topk_kernel import (
     sparse_topk_candidates_kernel,
     sparse_topk_coarse_hist_kernel,
     sparse_topk_partition_kernel,

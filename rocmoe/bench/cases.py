@@ -13,15 +13,16 @@ import torch
 
 import rocmoe
 from rocmoe.backends.torch.gemma4_routing import gemma4_routing_torch
-from rocmoe.backends.torch.mxfp4_moe import IMPLEMENTATION as torch_moe
-from rocmoe.backends.torch.mxfp4_moe import TorchMoeWeights, mxfp4_moe_torch
+from rocmoe.backends.torch.mxfp4_moe import IMPLEMENTATION as torch_moe, TorchMoeWeights, mxfp4_moe_torch
 from rocmoe.backends.torch.sparse_mla_decode import sparse_mla_decode_torch
 from rocmoe.backends.torch.sparse_topk import sparse_topk_torch
 from rocmoe.formats.mxfp4 import dequantize_mxfp4
-from rocmoe.ops import gemma4_routing as routing_op
-from rocmoe.ops import mxfp4_moe as moe_op
-from rocmoe.ops import sparse_mla_decode as mla_op
-from rocmoe.ops import sparse_topk as topk_op
+from rocmoe.ops import (
+    gemma4_routing as routing_op,
+    mxfp4_moe as moe_op,
+    sparse_mla_decode as mla_op,
+    sparse_topk as topk_op,
+)
 
 __all__ = ["BenchCase", "Check", "MODELS", "cases_for", "routing_case", "moe_case", "mla_case", "topk_case",
            "routing_bytes", "moe_bytes", "moe_flops", "mla_bytes", "mla_flops", "topk_bytes", "random_mxfp4_weights"]

@@ -16,7 +16,15 @@ import triton.language as tl
 from conftest import is_poisoned, poison
 
 from rocmoe.backends.triton._sparse_topk_kernel import _coarse_digit
-from rocmoe.backends.triton.sparse_topk import TopkConfig, launch_select, launch_window, workspace_numel
+from rocmoe.backends.triton.sparse_topk import (
+    MAX_SPLIT_PROGRAMS_PER_UNIT,
+    TopkConfig,
+    choose_config,
+    launch_select,
+    launch_window,
+    workspace_numel,
+)
+from rocmoe.device import Device
 
 CONFIGS = [
     TopkConfig(64, 4, 1, 11),
@@ -215,3 +223,20 @@ def test_coarse_digit_is_monotone(kernel_device, gen):
     assert all(0 <= d < 256 for d in digits)
     assert all(a <= b for a, b in itertools.pairwise(digits)), digits
     assert digits[-1] == 255 and digits[values.index(0.0)] == digits[values.index(-0.0)]
+
+
+@pytest.mark.parametrize("arch", ["sm90", "gfx942"])
+def test_split_grid_and_workspace_stay_bounded_as_the_batch_grows(arch):
+    """The table's last bucket runs on past the batches the tuner measured: a
+    prefill-sized batch must get the row kernel, not a split grid (and a
+    workspace) that grows with T."""
+    device = Device.from_arch(arch)
+    units = device.limits.compute_units
+    for tokens in (1, 8, 64, 65, 200, 1000, 4096, 8192, 65536):
+        for width in (8192, 32768, 131072):
+            config = choose_config(device, tokens, width)
+            if config.SPLIT > 1:
+                assert tokens * config.SPLIT <= MAX_SPLIT_PROGRAMS_PER_UNIT * units, (tokens, width, config)
+                assert workspace_numel(tokens, width, 2048) * 4 <= 256 << 20, (tokens, width, config)
+    assert choose_config(device, 65536, 131072).SPLIT == 1
+    assert choose_config(device, 1, 131072).SPLIT > 1

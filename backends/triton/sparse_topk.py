@@ -41,6 +41,11 @@ HEAD_STRIDE = int(_HEAD_STRIDE.value)
 SELECT_MAX_REGISTERS = 128
 
 
+#: Split-path programs per compute unit beyond which no config is tuned (the
+#: tuner's candidates stop there) and the row kernel is the better use of a full device.
+MAX_SPLIT_PROGRAMS_PER_UNIT = 32
+
+
 def _select_options(device: Device) -> dict[str, int]:
     """Launch options of the candidates kernel beyond num_warps, per vendor
     (the AMD compiler rejects ``maxnreg``)."""
@@ -78,7 +83,7 @@ def _heuristic(warps: int, warp_size: int):
         block = 1024
         # Short chunks (one step each) and up to 16 programs per compute unit:
         # the split path's passes are bound by latency, not bandwidth, below that.
-        split = max(1, min(16 * units // max(tokens, 1), seq_len // block))
+        split = max(1, min(MAX_SPLIT_PROGRAMS_PER_UNIT // 2 * units // max(tokens, 1), seq_len // block))
         split = 1 << (split.bit_length() - 1)
         # Over whole rows 8-bit digits (256 bins) beat 11-bit ones; over the
         # split path's candidates 6-bit ones win (the sm90 tune, every shape).
@@ -121,10 +126,11 @@ def launch_window(seq_lens: torch.Tensor, width: int, topk: int, out: torch.Tens
 
 
 def candidate_capacity(width: int, topk: int) -> int:
-    """Candidates per row the split path keeps (positions in the threshold
-    bin): room for any row of a window up to 8 * topk, an eighth of the row
-    beyond. A row whose bin overflows it is selected whole by one program."""
-    return min(width, max(8 * topk, width // 8))
+    """Candidates per row the split path keeps (the scores in the threshold
+    bin): 4 * topk (a few percent of a long row of normally distributed
+    scores fall there), or the whole row when it is shorter. A row whose bin
+    overflows it is selected whole by one program."""
+    return min(width, 4 * topk)
 
 
 def workspace_numel(num_tokens: int, width: int, topk: int, capacity: int | None = None) -> int:
@@ -178,8 +184,16 @@ def _regime(device: Device, num_tokens: int, width: int) -> dict[str, int]:
 
 
 def choose_config(device: Device, num_tokens: int, width: int) -> TopkConfig:
-    """The launch config for a live [T, L] call (table, else the family heuristic)."""
-    config, _ = SPEC.choose(device, **_regime(device, num_tokens, width))
+    """The launch config for a live [T, L] call (table, else the family heuristic).
+
+    A table entry's bucket runs on past the largest batch the tuner measured;
+    a split config is not stretched beyond the grid the tuner would consider
+    (the heuristic decides there, and large batches get the row kernel), so
+    neither the grid nor the workspace grows without bound with T."""
+    regime = _regime(device, num_tokens, width)
+    config, _ = SPEC.choose(device, **regime)
+    if config.SPLIT > 1 and num_tokens * config.SPLIT > MAX_SPLIT_PROGRAMS_PER_UNIT * device.limits.compute_units:
+        config = SPEC.heuristic(device)(regime)
     return config
 
 
@@ -286,7 +300,8 @@ def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[TopkConf
                     # ones only over the split path's few candidates.
                     if (split > 1 and radix == 11) or (split == 1 and radix == 6):
                         continue
-                    if split > 1 and (width // split < block or tokens * split > 32 * regime["compute_units"]):
+                    if split > 1 and (width // split < block
+                                      or tokens * split > MAX_SPLIT_PROGRAMS_PER_UNIT * regime["compute_units"]):
                         continue
                     # One program per row holds the whole histogram: wider steps spill.
                     if split == 1 and (block > 1024 or (radix == 11 and warps < 8)):

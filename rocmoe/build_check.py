@@ -159,9 +159,8 @@ def compile_one(build: KernelBuild, arch: str) -> BuildResult:
     module_name, fn_name = build.kernel.split(":")
     kernel = getattr(importlib.import_module(module_name), fn_name)
     options = dict(build.options)
-    # Each vendor's options only reach its own compiler, as at launch time.
-    foreign = ("maxnreg",) if arch.startswith("gfx") else ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
-    options = {k: v for k, v in options.items() if k not in foreign}
+    if not arch.startswith("gfx"):
+        options = {k: v for k, v in options.items() if k not in ("waves_per_eu", "matrix_instr_nonkdim", "kpack")}
     try:
         compiled = triton.compile(ASTSource(kernel, dict(build.signature), dict(build.constexprs)),
                                   target=aot_target(arch), options=options)

@@ -97,7 +97,7 @@ def _load_keys(row_ptr, index_ptr, offs, stop, listed, INDIRECT: tl.constexpr):
         entry = tl.load(index_ptr + offs, mask=from_list, other=0)
         positions = tl.where(from_list, (entry & 0xFFFFFFFF).to(tl.int32), offs)
         listed_scores = (entry >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        row_scores = tl.load(row_ptr + offs, mask=valid & (offs >= tl.where(listed, stop, 0)), other=0.0)
+        row_scores = tl.load(row_ptr + offs, mask=valid & ~from_list, other=0.0)
         keys = _keys(tl.where(from_list, listed_scores, row_scores))
     else:
         positions = offs
@@ -208,16 +208,17 @@ def _bits_from(hi):
 
 
 @triton.jit
-def _select_resident(row_ptr, cand_row, stop, listed, need, first_slot, topk, out_row, table_row, max_blocks,
+def _select_resident(row_ptr, cand_row, stop, listed, first_slot, topk, out_row, table_row, max_blocks,
                      block_size, PAGED: tl.constexpr, RADIX_BITS: tl.constexpr, SIZE: tl.constexpr):
-    """The top ``need`` of entries [0, stop) (stop <= SIZE, loaded once and
-    held in registers) into slots first_slot..topk: every radix pass and the
-    select without a reload.
+    """The top topk - first_slot of entries [0, stop) (stop <= SIZE, loaded
+    once and held in registers) into slots first_slot..topk: every radix pass
+    and the select without a reload.
 
     Candidates share their coarse bin, so their keys agree on the top bits;
     the passes start below the highest bit where the smallest and largest
-    key differ (two or three 8-bit passes instead of four)."""
+    key differ, not at bit 31."""
     BINS: tl.constexpr = 1 << RADIX_BITS
+    need = topk - first_slot
     positions, keys, valid = _load_keys(row_ptr, cand_row, tl.arange(0, SIZE), stop, listed, True)
     smallest = tl.min(tl.where(valid, keys, 0xFFFFFFFF), 0)
     spread = tl.max(tl.where(valid, keys, 0), 0) ^ smallest
@@ -387,16 +388,16 @@ def sparse_topk_candidates_kernel(logits_ptr, lens_ptr, head_ptr, cand_ptr, out_
         # the smallest block of a ladder that holds the list (a histogram
         # costs per slot, used or not).
         if stop <= RESIDENT // 16:
-            _select_resident(row_ptr, cand_row, stop, listed, topk - first_slot, first_slot, topk, out_row,
+            _select_resident(row_ptr, cand_row, stop, listed, first_slot, topk, out_row,
                              table_row, max_blocks, block_size, PAGED, RADIX_BITS, RESIDENT // 16)
         elif stop <= RESIDENT // 4:
-            _select_resident(row_ptr, cand_row, stop, listed, topk - first_slot, first_slot, topk, out_row,
+            _select_resident(row_ptr, cand_row, stop, listed, first_slot, topk, out_row,
                              table_row, max_blocks, block_size, PAGED, RADIX_BITS, RESIDENT // 4)
         elif stop <= RESIDENT // 2:
-            _select_resident(row_ptr, cand_row, stop, listed, topk - first_slot, first_slot, topk, out_row,
+            _select_resident(row_ptr, cand_row, stop, listed, first_slot, topk, out_row,
                              table_row, max_blocks, block_size, PAGED, RADIX_BITS, RESIDENT // 2)
         elif stop <= RESIDENT:
-            _select_resident(row_ptr, cand_row, stop, listed, topk - first_slot, first_slot, topk, out_row,
+            _select_resident(row_ptr, cand_row, stop, listed, first_slot, topk, out_row,
                              table_row, max_blocks, block_size, PAGED, RADIX_BITS, RESIDENT)
         else:
             tau, need = _radix_threshold(row_ptr, cand_row, stop, listed, topk - first_slot, RADIX_BITS, BLOCK,

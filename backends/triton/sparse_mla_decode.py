@@ -37,6 +37,8 @@ def reduce_blocks(split: int) -> tuple[int, int]:
     once, and as much of d_v as the tile leaves room for."""
     block_s = next_power_of_2(split)
     return block_s, max(16, REDUCE_TILE // (block_s * REDUCE_BLOCK_H))
+
+
 _CDNA = frozenset({"cdna3", "cdna4", "amd"})
 
 
@@ -226,7 +228,7 @@ def build_variants(arch: str):
             jobs |= {(dim, has_extra, cfg) for dim in dims for has_extra in extras}
     # The split count is a runtime argument of the decode kernel: one build per
     # "partial or not"; the reduce is built per split (its block shapes follow it).
-    full_jobs = jobs
+    reduce_splits = sorted({cfg.SPLIT for *_, cfg in jobs if cfg.SPLIT > 1})
     jobs = {(dim, has_extra, dataclasses.replace(cfg, SPLIT=min(cfg.SPLIT, 2))) for dim, has_extra, cfg in jobs}
     builds = []
     for (dim, has_extra, cfg), wide in itertools.product(sorted(jobs, key=repr), (False, True)):
@@ -250,7 +252,7 @@ def build_variants(arch: str):
                    f"warps={cfg.num_warps} stages={cfg.num_stages} {'partial' if cfg.SPLIT > 1 else 'final'}"
                    f"{' int64' if wide else ''}"),
             expects_dot=True))
-    for split, sink in itertools.product(sorted({cfg.SPLIT for *_, cfg in full_jobs if cfg.SPLIT > 1}), (False, True)):
+    for split, sink in itertools.product(reduce_splits, (False, True)):
         block_s, block_dv = reduce_blocks(split)
         builds.append(KernelBuild(
             op="sparse_mla_decode", kernel=_KERNELS + "sparse_mla_reduce_kernel",

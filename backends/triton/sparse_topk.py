@@ -65,11 +65,6 @@ class TopkConfig:
     RADIX_BITS: int = 11
     RESIDENT: int = 4096
 
-    @property
-    def passes(self) -> int:
-        """Histogram passes over a 32-bit key (the kernels' NPASS)."""
-        return -(-32 // self.RADIX_BITS)
-
 
 def resident_candidates(num_warps: int, warp_size: int = 32) -> int:
     """Candidates the last step holds in registers: 16 per lane of a 32-wide

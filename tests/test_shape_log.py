@@ -124,7 +124,8 @@ def test_tune_from_log_tunes_the_logged_regimes(log_dir, monkeypatch, capsys):
 
     monkeypatch.setattr("rocmoe.tune.run_tune", fake_run_tune)
     assert cli.main(["tune", "--op", "gemma4_routing", "--from-log", str(log_dir), "--device", "cpu"]) == 0
-    assert seen["regimes"] == [{"tokens": 4, "experts": 128}, {"tokens": 256, "experts": 128}]
+    assert seen["regimes"] == [{"tokens": 4, "experts": 128, "logit_bits": 32},
+                               {"tokens": 256, "experts": 128, "logit_bits": 32}]
     assert "tuning 2 logged regime(s)" in capsys.readouterr().out
 
 

@@ -11,22 +11,25 @@ from rocmoe.tune import Tuning, run_tune, table_entries
 
 
 def test_table_entries_split_on_geometric_midpoints():
-    winners = [({"tokens": 1, "experts": 128}, RoutingConfig(1, 1)),
-               ({"tokens": 16, "experts": 128}, RoutingConfig(2, 1)),
-               ({"tokens": 1024, "experts": 128}, RoutingConfig(8, 4, 1))]
+    winners = [({"tokens": 1, "experts": 128, "logit_bits": 32}, RoutingConfig(1, 1)),
+               ({"tokens": 16, "experts": 128, "logit_bits": 32}, RoutingConfig(2, 1)),
+               ({"tokens": 1024, "experts": 128, "logit_bits": 32}, RoutingConfig(8, 4, 4)),
+               ({"tokens": 1024, "experts": 128, "logit_bits": 16}, RoutingConfig(16, 1, 4))]
     entries = table_entries("tokens", winners)
-    assert [e["when"]["tokens"] for e in entries] == [[1, 4], [5, 128], [129, None]]
+    assert [e["when"]["tokens"] for e in entries] == [[1, 4], [5, 128], [129, None], [1, None]]
     assert all(e["when"]["experts"] == [128, 128] for e in entries)
-    assert entries[2]["config"] == {"BLOCK_T": 8, "num_warps": 4, "METHOD": 1, "KEY_BITS": 32}
+    assert [e["when"]["logit_bits"] for e in entries] == [[32, 32]] * 3 + [[16, 16]]
+    assert entries[2]["config"] == {"BLOCK_T": 8, "num_warps": 4, "LANES": 4, "KEY_BITS": 32}
 
 
 def test_round_trip_tune_file_loader_choice(tmp_path, monkeypatch, kernel_device):
     arch = Device.for_torch_device(kernel_device).arch
     out = tmp_path / "gemma4_routing" / f"{arch}.json"
     # A narrow sweep keeps the interpreter fast; the winner must be one of these.
-    small = [RoutingConfig(1, 1, 0), RoutingConfig(2, 1, 1)]
+    small = [RoutingConfig(1, 1, 32), RoutingConfig(2, 1, 16)]
     tuning = Tuning(TUNING.spec, TUNING.regimes, lambda regime, device: small, TUNING.make_inputs, "tokens")
-    path = run_tune(tuning, kernel_device, out=out, regimes=[{"tokens": 4, "experts": 128}], progress=False)
+    path = run_tune(tuning, kernel_device, out=out, regimes=[{"tokens": 4, "experts": 128, "logit_bits": 32}],
+                    progress=False)
     table = json.loads(path.read_text())
     assert table["provenance"]["source"] == "measured" and table["arch"] == arch
     winner = RoutingConfig(**table["entries"][0]["config"])
@@ -34,10 +37,12 @@ def test_round_trip_tune_file_loader_choice(tmp_path, monkeypatch, kernel_device
     monkeypatch.setattr(configs, "_USER_DIR", str(tmp_path))
     SPEC.forget()
     try:
-        params, source = SPEC.choose(Device.for_torch_device(kernel_device), tokens=3, experts=128)
+        device = Device.for_torch_device(kernel_device)
+        params, source = SPEC.choose(device, tokens=3, experts=128, logit_bits=32)
         assert params == winner and str(path) in source
-        # outside the measured experts the heuristic answers
-        assert SPEC.choose(Device.for_torch_device(kernel_device), tokens=3, experts=64)[1].startswith("heuristic")
+        # outside the measured experts or logit width the heuristic answers
+        assert SPEC.choose(device, tokens=3, experts=64, logit_bits=32)[1].startswith("heuristic")
+        assert SPEC.choose(device, tokens=3, experts=128, logit_bits=16)[1].startswith("heuristic")
     finally:
         SPEC.forget()
     assert not out.with_name(out.name + ".partial.json").exists()
@@ -59,9 +64,9 @@ def test_interrupted_tune_resumes(tmp_path, kernel_device):
         inputs.check = counting
         return inputs
 
-    cands = [RoutingConfig(1, 1, 0), RoutingConfig(2, 2, 0)]
+    cands = [RoutingConfig(1, 1, 32), RoutingConfig(2, 2, 32)]
     tuning = Tuning(TUNING.spec, TUNING.regimes, lambda r, d: cands, make_inputs, "tokens")
-    regimes = [{"tokens": 2, "experts": 64}, {"tokens": 8, "experts": 64}]
+    regimes = [{"tokens": 2, "experts": 64, "logit_bits": 32}, {"tokens": 8, "experts": 64, "logit_bits": 16}]
     run_tune(tuning, kernel_device, out=out, regimes=regimes, budget_s=0.0, progress=False)  # stops at once
     partial = out.with_name(out.name + ".partial.json")
     assert partial.exists() and len(json.loads(partial.read_text())["measured"]) == 1

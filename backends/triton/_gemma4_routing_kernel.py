@@ -1,20 +1,33 @@
 """The Gemma 4 routing kernel: one launch, several tokens per program.
 
-Each logit becomes a key whose integer order is SPEC §1's order: the float's
-order-preserving integer image in the high bits, ``mask - expert`` in the low
-bits, so the largest key is the largest logit and, among equal logits, the
-lowest expert id; keys in a row are distinct, so "remove the winner" is one
-comparison. The top K keys come from K successive max-reductions (METHOD 0)
-or Triton's bitonic top-k (METHOD 1).
+Layout. A program loads its logits as [NCHUNK * BLOCK_T, CHUNK] (chunk c of
+token t in row c * BLOCK_T + t): CHUNK is LANES 16-byte vectors, so LANES
+consecutive lanes read one token's chunk (coalesced) and the load's layout is
+the same in every Triton version. The tile is then viewed as [BLOCK_T, LANES,
+R] (R = NCHUNK * VEC), which moves no data: each thread holds R logits of one
+token, a token spans LANES lanes, and a reduction over the token is R - 1
+register operations plus log2(LANES) shuffles.
 
-Keys are 64-bit (exact: all 32 float bits, then the id) or 32-bit (KEY_BITS):
-the float's low log2(BLOCK_E) bits make room for the id. For bf16 and fp16
-logits those bits are zero after widening, so 32-bit keys are exact. For fp32
-logits (GUARD) one extra key is selected: if no two adjacent keys among the
-top K+1 share their high part, the high parts are strictly decreasing, every
-other element is strictly smaller than the K-th, and selection and order are
-exact; otherwise the tile is redone with 64-bit keys. The softmax always uses
-the exact logits (gathered by id), never the truncated keys.
+Keys. Each logit becomes a key whose order is SPEC §1's order: the logit's
+signed magnitude (its bits read as sign and magnitude, so -0.0 and +0.0 meet)
+above ``BLOCK_E - 1 - expert`` in the low LOG_E bits, so the largest key is
+the largest logit and, among equal logits, the lowest expert id. Every key of
+a token is distinct (padding columns too), which makes the selection a
+chain: the next key is the largest key below the previous one, found as the
+smallest non-negative difference ``previous - 1 - key`` (a subtract and an
+unsigned min per element). Keys stay below 2^30 in magnitude so the
+difference cannot overflow; where they fit in 23 bits they are kept as exact
+fp32 integers instead (KEY_KIND 2), because NVIDIA runs float adds at twice
+the rate of integer adds.
+
+Width. bf16 and fp16 logits keep all 16 bits: selection, order and the
+logits recovered from the keys are exact. fp32 logits keep VALUE_BITS of
+their 32 (GUARD), and one extra key is selected: if no two adjacent keys
+among the top K+1 share their value bits, those bits strictly decrease, every
+other logit is strictly smaller than the K-th, and selection and order are
+exact; otherwise the tile is redone with 64-bit keys (KEY_KIND 1, all 32
+bits). The fp32 softmax reads the exact logits back by id (the row is still
+in cache), never the truncated keys.
 """
 
 from __future__ import annotations
@@ -22,44 +35,140 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Below every real key: real 64-bit keys carry 0xFFFF - expert >= 0xFC00 in the
-# low half; real 32-bit keys are clamped above it.
-_EMPTY64 = tl.constexpr(-(2**63))
-_EMPTY32 = tl.constexpr(-(2**31))
+
+@triton.jit
+def _signed_magnitude(raw, INPUT_BITS: tl.constexpr):
+    """Raw float bits (sign-extended to int32) -> the signed integer whose
+    order is the float order: +magnitude or -magnitude, so -0.0 and +0.0 meet
+    at 0. Range [-(2^(INPUT_BITS-1) - 1), 2^(INPUT_BITS-1) - 1]."""
+    negative = raw >> 31  # 0 or -1
+    return (raw ^ (negative & ((1 << (INPUT_BITS - 1)) - 1))) - negative
 
 
 @triton.jit
-def _order_preserving_bits(x):
-    """fp32 -> int32 whose signed order is the float order (-0.0 folded onto +0.0)."""
-    x = tl.where(x == 0.0, 0.0, x)
-    bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+def _logits_from_value(value, INPUT_BITS: tl.constexpr, INPUT_DTYPE: tl.constexpr):
+    """Inverse of _signed_magnitude (int32 -> the float, as fp32)."""
+    raw = tl.where(value < 0, (-value) | (-(1 << (INPUT_BITS - 1))), value)
+    if INPUT_BITS == 16:
+        return raw.to(tl.int16).to(INPUT_DTYPE, bitcast=True).to(tl.float32)
+    return raw.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _top_keys(keys, empty, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, COUNT: tl.constexpr,
-              METHOD: tl.constexpr):
-    """The COUNT largest keys of each row, descending, in a [BLOCK_T, BLOCK_K] tile."""
-    slots = tl.arange(0, BLOCK_K)
-    if METHOD == 0 or BLOCK_K == 1:  # (Triton 3.6's top-k cannot return a single column)
-        top = tl.full([BLOCK_T, BLOCK_K], empty, keys.dtype)
-        for j in tl.static_range(COUNT):
-            best = tl.max(keys, axis=1)
-            top = tl.where(slots[None, :] == j, best[:, None], top)
-            keys = tl.where(keys == best[:, None], empty, keys)
+def _row_max(tile):
+    """[BLOCK_T, LANES, R] -> [BLOCK_T]: registers first, then across lanes."""
+    return tl.max(tl.max(tile, axis=2), axis=1)
+
+
+@triton.jit
+def _row_min(tile):
+    return tl.min(tl.min(tile, axis=2), axis=1)
+
+
+@triton.jit
+def _per_row(value):
+    """[BLOCK_T] -> [BLOCK_T, 1, 1], expanded in the reverse order of _row_max's
+    reductions so the layout is the tile's own (no conversion per step)."""
+    return tl.expand_dims(tl.expand_dims(value, 1), 2)
+
+
+@triton.jit
+def _token_view(flat, BLOCK_T: tl.constexpr, NCHUNK: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """[NCHUNK * BLOCK_T, LANES * VEC] (chunk-major) -> [BLOCK_T, LANES, NCHUNK * VEC]: a thread's
+    registers of one token, every chunk, side by side (only a relabelling of registers)."""
+    split = tl.reshape(flat, [NCHUNK, BLOCK_T, LANES, VEC])
+    return tl.reshape(tl.permute(split, 1, 2, 0, 3), [BLOCK_T, LANES, NCHUNK * VEC])
+
+
+# Float keys are exact integers in [2^23, 2^24): this bit pattern is 2^23 (exponent 23, mantissa 0).
+_FLOAT_KEY_BASE = tl.constexpr(0x4B000000)
+
+
+@triton.jit
+def _make_keys(raw, col, col_ok, INPUT_BITS: tl.constexpr, LOG_E: tl.constexpr, VALUE_BITS: tl.constexpr,
+               KEY_KIND: tl.constexpr, PAD: tl.constexpr):
+    """Distinct per-token keys for a [BLOCK_T, LANES, R] tile of raw bits:
+    the value part (VALUE_BITS of the signed magnitude) above LOG_E id bits.
+    Padding columns get the value part -2^(VALUE_BITS-1), below every logit's.
+    KEY_KIND 0: int32; 1: int64 (exact fp32); 2: fp32 holding the int32 key
+    plus 2^(VALUE_BITS+LOG_E-1), an integer below 2^23, plus 2^23 - so a
+    float add forms the differences (on NVIDIA's full-rate pipe, where an
+    integer add runs at half rate)."""
+    value = _signed_magnitude(raw, INPUT_BITS)
+    if KEY_KIND == 1:
+        value = value.to(tl.int64)
+    elif VALUE_BITS < INPUT_BITS:
+        value = value >> (INPUT_BITS - VALUE_BITS)
+    if PAD:
+        value = tl.where(col_ok, value, -(1 << (VALUE_BITS - 1)))
+    ids = (1 << LOG_E) - 1 - col
+    if KEY_KIND == 2:
+        keys = (value * (1 << LOG_E) + (ids + ((1 << (VALUE_BITS + LOG_E - 1)) + _FLOAT_KEY_BASE))).to(
+            tl.float32, bitcast=True)
     else:
-        top = tl.topk(keys, BLOCK_K)
-    return top
+        keys = (value << LOG_E) | ids
+    return keys
 
 
 @triton.jit
-def _select_exact(x, cols, col_ok, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, TOPK: tl.constexpr,
-                  METHOD: tl.constexpr):
-    """64-bit keys: ids of the TOPK largest logits, [BLOCK_T, BLOCK_K] int32."""
-    keys = (_order_preserving_bits(x).to(tl.int64) << 32) | (0xFFFF - cols).to(tl.int64)[None, :]
-    keys = tl.where(col_ok[None, :], keys, _EMPTY64)
-    top = _top_keys(keys, _EMPTY64, BLOCK_T, BLOCK_K, TOPK, METHOD)
-    return 0xFFFF - (top & 0xFFFF).to(tl.int32)
+def _key_bits(top, LOG_E: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_KIND: tl.constexpr):
+    """Selected keys -> (id part, value part) as int32."""
+    if KEY_KIND == 2:
+        top = top.to(tl.int32, bitcast=True) - ((1 << (VALUE_BITS + LOG_E - 1)) + _FLOAT_KEY_BASE)
+    ids = ((1 << LOG_E) - 1 - (top & ((1 << LOG_E) - 1))).to(tl.int32)
+    return ids, (top >> LOG_E).to(tl.int32)
+
+
+@triton.jit
+def _slot_tile(tie_to, LANES: tl.constexpr, R: tl.constexpr, SPL: tl.constexpr):
+    """[BLOCK_T, LANES, R] int32: the output slot each register keeps (-1:
+    none). Slot ``lane * SPL + s`` sits at register ``s * R / SPL`` of the
+    lane, so which register it is is known at compile time; ``tie_to`` (any
+    tile of the shape, contributing nothing) gives it that tile's layout."""
+    lane = tl.arange(0, LANES)[None, :, None]
+    reg = tl.arange(0, R)[None, None, :]
+    step: tl.constexpr = R // SPL
+    return tl.where(reg % step == 0, lane * SPL + reg // step, -1) | (tie_to & 0)
+
+
+@triton.jit
+def _compact(tile, BLOCK_T: tl.constexpr, LANES: tl.constexpr, R: tl.constexpr, SPL: tl.constexpr):
+    """[BLOCK_T, LANES, R] with one live register per slot -> [BLOCK_T, LANES * SPL], column = slot
+    (max-combines each group of R / SPL registers; the dead ones hold the dtype's minimum)."""
+    if SPL == 1:
+        return tl.max(tile, axis=2)
+    grouped = tl.max(tl.reshape(tile, [BLOCK_T, LANES, SPL, R // SPL]), axis=3)
+    return tl.reshape(grouped, [BLOCK_T, LANES * SPL])
+
+
+@triton.jit
+def _select_top(keys, slot, COUNT: tl.constexpr, OUT: tl.constexpr, LOG_E: tl.constexpr, TRACK_TIES: tl.constexpr,
+                BLOCK_T: tl.constexpr, LANES: tl.constexpr, R: tl.constexpr, SPL: tl.constexpr):
+    """The COUNT largest keys of each token, descending, chained; the first
+    OUT come back as [BLOCK_T, LANES * SPL] with column = slot, and per token
+    whether two adjacent keys share their value bits (only when TRACK_TIES)."""
+    unsigned: tl.constexpr = tl.uint64 if keys.dtype == tl.int64 else tl.uint32
+    lowest: tl.constexpr = float("-inf") if keys.dtype == tl.float32 else (
+        -(2**63) if keys.dtype == tl.int64 else -(2**31))
+    if keys.dtype == tl.float32:
+        # Float keys are positive, so their bits order like them: an integer max takes 3 inputs.
+        best = _row_max(keys.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+    else:
+        best = _row_max(keys)
+    kept = tl.where(slot == 0, _per_row(best), lowest)
+    tie = tl.zeros(best.shape, tl.int1)
+    for j in tl.static_range(1, COUNT):
+        below = best - 1
+        # Keys >= best give negative gaps, huge as unsigned bits (int: by wrapping; float: by the
+        # sign bit), so the smallest gap is the next key down. Float gaps are exact integers.
+        gap = _row_min((_per_row(below) - keys).to(unsigned, bitcast=True))
+        following = below - gap.to(keys.dtype, bitcast=True)
+        if TRACK_TIES:
+            tie = tie | ((following >> LOG_E) == (best >> LOG_E))
+        best = following
+        if j < OUT:
+            kept = tl.where(slot == j, _per_row(best), kept)
+    return _compact(kept, BLOCK_T, LANES, R, SPL), tie
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -73,53 +182,66 @@ def gemma4_routing_kernel(
     row_stride,
     TOPK: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    METHOD: tl.constexpr,
-    KEY_BITS: tl.constexpr,
+    NCHUNK: tl.constexpr,
+    LANES: tl.constexpr,
+    VEC: tl.constexpr,
+    SPL: tl.constexpr,
+    OUT: tl.constexpr,
+    LOG_E: tl.constexpr,
+    PAD: tl.constexpr,
+    VALUE_BITS: tl.constexpr,
+    KEY_KIND: tl.constexpr,
     GUARD: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    row_ok = rows < num_tokens
-    col_ok = cols < num_experts
-    x = tl.load(logits_ptr + rows[:, None] * row_stride + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    # Loaded now, beside the logits, so no dependent memory round trip follows the selection.
-    scale_row = tl.load(scale_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    slots = tl.arange(0, BLOCK_K)
-    slot_ok = slots < TOPK
+    INPUT_DTYPE: tl.constexpr = logits_ptr.dtype.element_ty
+    INPUT_BITS: tl.constexpr = INPUT_DTYPE.primitive_bitwidth
+    RAW_DTYPE: tl.constexpr = tl.int16 if INPUT_BITS == 16 else tl.int32
+    CHUNK: tl.constexpr = LANES * VEC
+    R: tl.constexpr = NCHUNK * VEC
+    first = tl.program_id(0).to(tl.int64) * BLOCK_T
+    flat = tl.arange(0, NCHUNK * BLOCK_T)
+    flat_rows = first + flat % BLOCK_T
+    flat_col = (flat // BLOCK_T * CHUNK)[:, None] + tl.arange(0, CHUNK)[None, :]
+    flat_ok = (flat_rows < num_tokens)[:, None]
+    if PAD:
+        flat_ok = flat_ok & (flat_col < num_experts)
+    flat_raw = tl.load(logits_ptr.to(tl.pointer_type(RAW_DTYPE)) + flat_rows[:, None] * row_stride + flat_col,
+                       mask=flat_ok, other=0)
+    raw = _token_view(flat_raw, BLOCK_T, NCHUNK, LANES, VEC).to(tl.int32)
+    # Register r of lane l holds column (r // VEC) * CHUNK + l * VEC + r % VEC.
+    lane = tl.arange(0, LANES)[None, :, None]
+    reg = tl.arange(0, R)[None, None, :]
+    col = ((reg // VEC) * CHUNK + lane * VEC + reg % VEC) | (raw & 0)
+    col_ok = col < num_experts
+    row_ok = first + tl.arange(0, BLOCK_T) < num_tokens
+    slot = _slot_tile(raw, LANES, R, SPL)
 
-    if KEY_BITS == 64:
-        ids = _select_exact(x, cols, col_ok, BLOCK_T, BLOCK_K, TOPK, METHOD)
+    top, tie = _select_top(_make_keys(raw, col, col_ok, INPUT_BITS, LOG_E, VALUE_BITS, KEY_KIND, PAD), slot,
+                           TOPK + 1 if GUARD else TOPK, OUT, LOG_E, GUARD, BLOCK_T, LANES, R, SPL)
+    ids, values = _key_bits(top, LOG_E, VALUE_BITS, KEY_KIND)
+    if GUARD:  # noqa: SIM102 - a compile-time branch around a runtime one
+        # fp32 logits with truncated keys: redo the tile with exact 64-bit keys on a near-tie.
+        if tl.max((tie & row_ok).to(tl.int32)) > 0:
+            wide, _ = _select_top(_make_keys(raw, col, col_ok, INPUT_BITS, LOG_E, 32, 1, PAD), slot, TOPK, OUT,
+                                  LOG_E, False, BLOCK_T, LANES, R, SPL)
+            ids, _ = _key_bits(wide, LOG_E, 32, 1)
+
+    slots = _compact(slot, BLOCK_T, LANES, R, SPL)
+    rows = first + tl.arange(0, BLOCK_T)
+    slot_ok = (slots >= 0) & (slots < TOPK)
+    out_ok = (rows < num_tokens)[:, None] & slot_ok
+    ids = tl.where(slot_ok, ids, 0)
+    if GUARD:
+        # Truncated keys: the exact logits by id (this row was just read, so they come from cache).
+        logits = tl.load(logits_ptr + rows[:, None] * row_stride + ids, mask=out_ok, other=0.0).to(tl.float32)
     else:
-        id_mask: tl.constexpr = BLOCK_E - 1
-        high = tl.maximum(_order_preserving_bits(x) & (-BLOCK_E), _EMPTY32 + BLOCK_E)
-        keys = tl.where(col_ok[None, :], high | (id_mask - cols)[None, :], _EMPTY32)
-        if GUARD:
-            # One extra key (the K+1-th) shows whether the boundary is a near-tie.
-            top = _top_keys(keys, _EMPTY32, BLOCK_T, BLOCK_K, TOPK + 1, 0)
-            next_slot = tl.broadcast_to(tl.minimum(slots + 1, BLOCK_K - 1)[None, :], [BLOCK_T, BLOCK_K])
-            following = tl.gather(top, next_slot, axis=1)
-            near_tie = (top & (-BLOCK_E)) == (following & (-BLOCK_E))
-            near_tie = near_tie & slot_ok[None, :] & row_ok[:, None] & (following != _EMPTY32)
-            ids = id_mask - (top & id_mask)
-            if tl.max(near_tie.to(tl.int32)) > 0:
-                ids = _select_exact(x, cols, col_ok, BLOCK_T, BLOCK_K, TOPK, METHOD)
-        else:
-            top = _top_keys(keys, _EMPTY32, BLOCK_T, BLOCK_K, TOPK, METHOD)
-            ids = id_mask - (top & id_mask)
-
-    out_ok = row_ok[:, None] & slot_ok[None, :]
-    # Unused slots (K < BLOCK_K) hold the empty key, whose id is out of range.
-    ids = tl.where(slot_ok[None, :], ids, 0)
-    values = tl.gather(x, ids, axis=1)
-    scale = tl.gather(tl.broadcast_to(scale_row[None, :], [BLOCK_T, BLOCK_E]), ids, axis=1)
+        logits = _logits_from_value(values, INPUT_BITS, INPUT_DTYPE)
+    scale = tl.load(scale_ptr + ids, mask=out_ok, other=0.0).to(tl.float32)
     # Softmax over the K selected logits only (the others cancel out).
-    values = tl.where(slot_ok[None, :], values, float("-inf"))
-    peak = tl.max(values, axis=1)
-    e = tl.where(slot_ok[None, :], tl.exp(values - peak[:, None]), 0.0)
+    logits = tl.where(slot_ok, logits, float("-inf"))
+    peak = tl.max(logits, axis=1)
+    e = tl.where(slot_ok, tl.exp(logits - peak[:, None]), 0.0)
     weights = e / tl.sum(e, axis=1)[:, None]
-    out = rows[:, None] * TOPK + slots[None, :]
+    out = rows[:, None] * TOPK + slots
     tl.store(weights_ptr + out, weights * scale, mask=out_ok)
     tl.store(ids_ptr + out, ids, mask=out_ok)

@@ -20,26 +20,34 @@ MAX_EXPERTS = 1024  # the low half of a key holds 0xFFFF - expert; registers bou
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """BLOCK_T tokens per program; METHOD 0 = K max-reductions, 1 = bitonic
-    top-k; KEY_BITS 32 (exact via the near-tie guard) or 64."""
+    """BLOCK_T tokens per program; LANES threads share one token's row (each
+    holds E / LANES logits, so fewer lanes = more register work, fewer
+    shuffles); KEY_BITS 32 (exact for bf16/fp16, guarded for fp32) or 64 (exact)."""
 
     BLOCK_T: int
     num_warps: int
-    METHOD: int = 0
+    LANES: int = 8
     KEY_BITS: int = 32
 
 
-def _elements_per_program(target: int, experts: int) -> int:
-    return max(1, min(64, target // next_power_of_2(experts)))
+def _lanes_for(experts: int, wanted: int, warp_size: int) -> int:
+    """Lanes per token: ``wanted``, but no more than the warp and enough that a
+    thread holds at most 32 logits (register pressure at large E)."""
+    return max(1, min(warp_size, max(wanted, next_power_of_2(experts) // 32)))
 
 
 def _heuristic(warp_size: int):
     def choose(regime: Mapping[str, int]) -> RoutingConfig:
-        tokens, experts = regime["tokens"], regime["experts"]
+        tokens, experts, bits = regime["tokens"], regime["experts"], regime["logit_bits"]
         if tokens <= 256:
-            # Latency regime: one token per program keeps every SM busy early.
-            return RoutingConfig(1, 1 if experts * 32 <= 128 * warp_size else 4, 0, 32)
-        return RoutingConfig(_elements_per_program(1024, experts), 4, 0, 32)
+            # Latency regime: one token per warp (its row across the lanes), one warp per program.
+            lanes = _lanes_for(experts, 32, warp_size)
+            return RoutingConfig(max(1, warp_size // lanes), 1, lanes, 32)
+        # Throughput regime (measured on sm90): a token over 8 lanes (fp32) or 4 (16-bit), so most
+        # of each reduction is register work; 16-bit rows are half the bytes, so two tokens per thread.
+        lanes = _lanes_for(experts, 8 if bits == 32 else 4, warp_size)
+        rows_per_warp = max(1, warp_size // lanes)
+        return RoutingConfig(rows_per_warp * (1 if bits == 32 else 2), 1, lanes, 32)
 
     return choose
 
@@ -48,7 +56,7 @@ SPEC = register_spec(ConfigSpec(
     op="gemma4_routing",
     kernel="topk_softmax",
     params=RoutingConfig,
-    regime_keys=("tokens", "experts"),
+    regime_keys=("tokens", "experts", "logit_bits"),
     heuristics={
         "cdna3": _heuristic(64),
         "cdna4": _heuristic(64),
@@ -60,30 +68,59 @@ SPEC = register_spec(ConfigSpec(
 
 def launch(gating_output: torch.Tensor, topk: int, per_expert_scale: torch.Tensor, out_weights: torch.Tensor,
            out_ids: torch.Tensor, config: RoutingConfig) -> None:
-    """Launch the kernel with an explicit config (the tuner and build-check use this)."""
+    """Launch the kernel with an explicit config (the tuner and build-check use this).
+
+    A program takes at least as many tokens as its threads cover (num_warps x
+    warp size / lanes): fewer would leave threads holding copies, a layout
+    the compiler does not reduce correctly everywhere."""
     num_tokens, num_experts = gating_output.shape
-    grid = (triton.cdiv(num_tokens, config.BLOCK_T),)
+    layout = kernel_layout(gating_output.dtype, config, topk, num_experts)
+    block_t = program_tokens(config, layout, Device.of(gating_output).limits.warp_size)
+    grid = (triton.cdiv(num_tokens, block_t),)
     with launch_device(gating_output):
         gemma4_routing_kernel[grid](
             gating_output, per_expert_scale, out_weights, out_ids,
             num_tokens, num_experts, gating_output.stride(0),
-            TOPK=topk, BLOCK_T=config.BLOCK_T, METHOD=config.METHOD, num_warps=config.num_warps,
-            **_key_layout(gating_output.dtype, config, topk, num_experts),
+            TOPK=topk, BLOCK_T=block_t, num_warps=config.num_warps, **layout,
         )
 
 
-def _key_layout(dtype: torch.dtype, config: RoutingConfig, topk: int, experts: int) -> dict[str, int | bool]:
-    """The kernel's key constexprs. 32-bit keys drop the low log2(E) bits of
-    the fp32 image: zero for bf16/fp16 logits (exact), possibly not for fp32,
-    which is guarded with a K+1-th key - and when K+1 exceeds the row there is
-    no boundary to guard, so 64-bit keys are used instead."""
+def program_tokens(config: RoutingConfig, layout: Mapping[str, int | bool], warp_size: int) -> int:
+    """BLOCK_T as launched: at least the tokens the program's threads cover."""
+    return max(config.BLOCK_T, config.num_warps * warp_size // int(layout["LANES"]))
+
+
+def kernel_layout(dtype: torch.dtype, config: RoutingConfig, topk: int, experts: int) -> dict[str, int | bool]:
+    """The kernel's tile and key constexprs.
+
+    A token's logits are spread over LANES lanes, NCHUNK * VEC per lane,
+    loaded VEC at a time.
+    Keys hold VALUE_BITS of the logit's signed magnitude above log2(BLOCK_E)
+    id bits, at most 31 bits in all so key differences cannot overflow:
+    every bit of a bf16/fp16 logit (exact; as fp32 integers when they fit in
+    23 bits, KEY_KIND 2), but not of an fp32 one, which is guarded with a
+    K+1-th key - and when K+1 exceeds the row there is no boundary to guard,
+    so 64-bit keys (KEY_KIND 1) are used instead."""
     block_e = next_power_of_2(experts)
-    key_bits = config.KEY_BITS
-    if key_bits == 32 and next_power_of_2(topk + 1) > block_e:
-        key_bits = 64
-    guard = key_bits == 32 and dtype == torch.float32
-    return {"BLOCK_E": block_e, "BLOCK_K": next_power_of_2(topk + 1 if guard else topk), "KEY_BITS": key_bits,
-            "GUARD": guard}
+    log_e = block_e.bit_length() - 1
+    input_bits = 8 * dtype.itemsize
+    value_bits = min(input_bits, 31 - log_e)
+    guard = value_bits < input_bits
+    key_kind = 0
+    if config.KEY_BITS == 64 or (guard and topk + 1 > block_e):
+        key_kind, guard, value_bits = 1, False, 32
+    elif not guard and value_bits + log_e <= 23:
+        key_kind = 2
+    # 16-byte vectors, unless the row is too short to give LANES lanes one each (then a whole
+    # warp can still reduce a token with one instruction).
+    lanes = min(config.LANES, block_e)
+    vec = min(16 // dtype.itemsize, block_e // lanes)
+    chunk = lanes * vec
+    out = next_power_of_2(topk)
+    # Each lane of a token keeps SPL output slots, so the softmax and stores run once per slot.
+    spl = max(1, out // lanes)
+    return {"NCHUNK": block_e // chunk, "LANES": lanes, "VEC": vec, "SPL": spl, "OUT": out, "LOG_E": log_e,
+            "PAD": experts != block_e, "VALUE_BITS": value_bits, "KEY_KIND": key_kind, "GUARD": guard}
 
 
 BENCH_TOKENS = (1, 16, 128, 1024, 8192, 65536, 262144)
@@ -97,43 +134,49 @@ def build_variants(arch: str):
 
     device = Device.from_arch(arch)
     table = SPEC.table(arch)
-    configs = {(128, SPEC.heuristic(device)({"tokens": t, "experts": 128})) for t in BENCH_TOKENS}
-    configs |= {(MAX_EXPERTS, SPEC.heuristic(device)({"tokens": t, "experts": MAX_EXPERTS})) for t in (1, 65536)}
+    heuristic = SPEC.heuristic(device)
+    configs = {(128, bits, heuristic({"tokens": t, "experts": 128, "logit_bits": bits}))
+               for t in BENCH_TOKENS for bits in (16, 32)}
+    configs |= {(MAX_EXPERTS, bits, heuristic({"tokens": t, "experts": MAX_EXPERTS, "logit_bits": bits}))
+                for t in (1, 65536) for bits in (16, 32)}
     if table is not None:
-        configs |= {(128, params) for _, params in table.entries}
+        configs |= {(128, when.get("logit_bits", (32, 32))[0], params) for when, params in table.entries}
     builds = []
-    for experts, cfg in sorted(configs, key=repr):
-        for dtype in ("fp32", "bf16"):
-            keys = _key_layout(torch.float32 if dtype == "fp32" else torch.bfloat16, cfg, 8, experts)
+    for experts, bits, cfg in sorted(configs, key=repr):
+        for dtype in ("fp32",) if bits == 32 else ("bf16", "fp16"):
+            keys = kernel_layout(getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]),
+                                 cfg, 8, experts)
+            block_t = program_tokens(cfg, keys, device.limits.warp_size)
             builds.append(KernelBuild(
                 op="gemma4_routing",
                 kernel="rocmoe.backends.triton._gemma4_routing_kernel:gemma4_routing_kernel",
                 signature=(("logits_ptr", f"*{dtype}"), ("scale_ptr", "*fp32"), ("weights_ptr", "*fp32"),
                            ("ids_ptr", "*i32"), ("num_tokens", "i32"), ("num_experts", "i32"),
                            ("row_stride", "i32")),
-                constexprs=(("TOPK", 8), ("BLOCK_T", cfg.BLOCK_T), ("METHOD", cfg.METHOD), *keys.items()),
+                constexprs=(("TOPK", 8), ("BLOCK_T", block_t), *keys.items()),
                 options=(("num_warps", cfg.num_warps),),
-                label=(f"E={experts} K=8 {dtype} BLOCK_T={cfg.BLOCK_T} warps={cfg.num_warps} "
-                       f"method={cfg.METHOD} keys={keys['KEY_BITS']}"),
+                label=(f"E={experts} K=8 {dtype} BLOCK_T={block_t} warps={cfg.num_warps} "
+                       f"lanes={cfg.LANES} keys={keys['KEY_KIND']}"),
             ))
     return builds
 
 
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[RoutingConfig]:
+    warp = device.limits.warp_size
     block_e = next_power_of_2(regime["experts"])
     # Taller tiles than this leave compute units idle; no point measuring them.
     tallest = next_power_of_2(max(1, -(-regime["tokens"] // device.limits.compute_units)))
-    cands = []
-    for block_t in (1, 2, 4, 8, 16, 32, 64):
-        if block_t > max(4, tallest) or block_t * block_e > 16384:
-            continue
-        for warps in (1, 2, 4, 8):
-            if warps * device.limits.warp_size > block_t * block_e:
-                continue
-            # 32-bit keys on fp32 logits always take the max path (the guard needs K+1 keys).
-            cands += [RoutingConfig(block_t, warps, 0, 32)]
-            cands += [RoutingConfig(block_t, warps, method, 64) for method in (0, 1)]
-    return cands
+    cands = set()
+    for wanted in (4, 8, 16, 32):
+        lanes = _lanes_for(regime["experts"], wanted, warp)
+        for warps in (1, 2, 4):
+            # Fewer tokens than the threads cover would leave lanes holding copies.
+            shortest = max(1, warps * warp // lanes)
+            for rows_per_thread in (1, 2, 4):
+                block_t = shortest * rows_per_thread
+                if block_t <= max(shortest, tallest) and block_t * block_e <= 16384:
+                    cands.add(RoutingConfig(block_t, warps, lanes, 32))
+    return sorted(cands, key=repr)
 
 
 def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Generator):
@@ -142,8 +185,10 @@ def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Gen
     from rocmoe.tune import TuneInputs
 
     tokens, experts, topk = regime["tokens"], regime["experts"], 8
-    sets = rotating_sets(device, tokens * experts * 4)
-    logits = [torch.randn(tokens, experts, generator=gen).to(device) for _ in range(sets)]
+    # 16-bit: bf16 as the models produce it (fp16 on the CPU, whose interpreter has no bf16).
+    dtype = torch.float32 if regime["logit_bits"] == 32 else (torch.float16 if device.type == "cpu" else torch.bfloat16)
+    sets = rotating_sets(device, tokens * experts * dtype.itemsize)
+    logits = [torch.randn(tokens, experts, generator=gen).to(dtype).to(device) for _ in range(sets)]
     scale = (torch.rand(experts, generator=gen) + 0.5).to(device)
     weights = [torch.empty(tokens, topk, device=device) for _ in range(sets)]
     ids = [torch.empty(tokens, topk, dtype=torch.int32, device=device) for _ in range(sets)]
@@ -160,11 +205,22 @@ def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Gen
     return TuneInputs(sets, run, check)
 
 
+def logit_bits(dtype: torch.dtype) -> int:
+    """The regime key for a logits dtype: 32 (fp32) or 16 (bf16, fp16)."""
+    return 8 * dtype.itemsize
+
+
 def _tuning():
     from rocmoe.tune import Tuning
 
-    return Tuning(SPEC, regimes=lambda: [{"tokens": t, "experts": 128} for t in BENCH_TOKENS],
-                  candidates=_tune_candidates, make_inputs=_tune_inputs, split_key="tokens")
+    def regime_of_shape(shape, device: Device):
+        dtype = getattr(torch, shape.get("dtype", "float32"), torch.float32)
+        return {"tokens": int(shape["tokens"]), "experts": int(shape["experts"]), "logit_bits": logit_bits(dtype)}
+
+    return Tuning(SPEC, regimes=lambda: [{"tokens": t, "experts": 128, "logit_bits": bits}
+                                         for bits in (32, 16) for t in BENCH_TOKENS],
+                  candidates=_tune_candidates, make_inputs=_tune_inputs, split_key="tokens",
+                  regime_of_shape=regime_of_shape)
 
 
 class TritonGemma4Routing(TritonOp):
@@ -181,7 +237,8 @@ class TritonGemma4Routing(TritonOp):
 
     def run(self, gating_output, topk, per_expert_scale, out_weights, out_ids) -> None:
         device = Device.of(gating_output)
-        config, _ = SPEC.choose(device, tokens=gating_output.shape[0], experts=gating_output.shape[1])
+        config, _ = SPEC.choose(device, tokens=gating_output.shape[0], experts=gating_output.shape[1],
+                                logit_bits=logit_bits(gating_output.dtype))
         launch(gating_output, topk, per_expert_scale, out_weights, out_ids, config)
 
 

@@ -45,8 +45,8 @@ def test_real_compile_for_gfx942_and_sm90():
     # The benchmark shape (E=128); build-check itself covers every variant in CI.
     # (Triton 3.6, on the lent GPU machine, spills 4 bytes for E=1024 fp32 on gfx942.)
     # The first E=128 variant of each arch (their heuristics differ: 64- vs 32-wide warps).
-    firsts = {next(b.label for b in build_check.collect_variants(arch, ["gemma4_routing"]) if b.label.startswith("E=128 "))
-              for arch in ("gfx942", "sm90")}
+    firsts = {next(b.label for b in build_check.collect_variants(arch, ["gemma4_routing"])
+                   if b.label.startswith("E=128 ")) for arch in ("gfx942", "sm90")}
     results = build_check.run(["gfx942", "sm90"], ["gemma4_routing"], jobs=2, progress=False,
                               select=lambda b: b.label in firsts)
     assert {r.arch for r in results} == {"gfx942", "sm90"}

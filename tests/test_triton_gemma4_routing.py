@@ -62,6 +62,22 @@ def test_every_launch_config(kernel_device, gen, lanes, key_bits, block_t, warps
             _check(logits, topk, scale, *_run(logits, topk, scale, config))
 
 
+def test_more_slots_than_a_lanes_first_chunk(kernel_device, gen):
+    """K = 16 / 32 / 64 of 64 experts over 8 or 4 lanes: where a lane's registers of the first
+    chunk cannot hold its share of the slots, every lane keeps every slot (SPL 0)."""
+    from rocmoe.backends.triton.gemma4_routing import kernel_layout
+
+    scale = (torch.rand(64, generator=gen) + 0.5).to(kernel_device)
+    spls = set()
+    for config in (RoutingConfig(4, 1, 8), RoutingConfig(8, 1, 4)):
+        for topk in (16, 32, 64):
+            for dtype in (torch.float32, torch.float16):
+                spls.add(kernel_layout(dtype, config, topk, 64)["SPL"])
+                logits = torch.randn(6, 64, generator=gen).to(dtype).to(kernel_device)
+                _check(logits, topk, scale, *_run(logits, topk, scale, config))
+    assert 0 in spls and len(spls) > 2
+
+
 @pytest.mark.parametrize("block_t", [1, 4])
 def test_32_bit_keys_fall_back_on_fp32_near_ties(kernel_device, gen, block_t):
     """Logits a few ulps apart share the high bits of a 32-bit key; only the

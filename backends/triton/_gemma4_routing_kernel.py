@@ -1,12 +1,15 @@
 """The Gemma 4 routing kernel: one launch, several tokens per program.
 
 Layout. A program loads its logits as [NCHUNK * BLOCK_T, CHUNK] (chunk c of
-token t in row c * BLOCK_T + t): CHUNK is LANES 16-byte vectors, so LANES
-consecutive lanes read one token's chunk (coalesced) and the load's layout is
-the same in every Triton version. The tile is then viewed as [BLOCK_T, LANES,
-R] (R = NCHUNK * VEC), which moves no data: each thread holds R logits of one
-token, a token spans LANES lanes, and a reduction over the token is R - 1
-register operations plus log2(LANES) shuffles.
+token t in row c * BLOCK_T + t) and views them as [NCHUNK, BLOCK_T, CHUNK].
+CHUNK is LANES vectors of VEC logits (16 bytes where the row is long
+enough), so LANES consecutive lanes read one token's chunk (coalesced), a
+2-D load has the same layout in every Triton version (threads along CHUNK,
+then along the tokens), and, because BLOCK_T is a multiple of the tokens the
+threads cover, each thread's repeats are the same token's other chunks. A
+thread therefore holds NCHUNK * VEC logits of one token and a token spans
+LANES lanes: a reduction over the token is register work plus log2(LANES)
+shuffles (one `redux` when a token fills a warp).
 
 Keys. Each logit becomes a key whose order is SPEC §1's order: the logit's
 signed magnitude (its bits read as sign and magnitude, so -0.0 and +0.0 meet)
@@ -56,28 +59,21 @@ def _logits_from_value(value, INPUT_BITS: tl.constexpr, INPUT_DTYPE: tl.constexp
 
 @triton.jit
 def _row_max(tile):
-    """[BLOCK_T, LANES, R] -> [BLOCK_T]: registers first, then across lanes."""
-    return tl.max(tl.max(tile, axis=2), axis=1)
+    """[NCHUNK, BLOCK_T, CHUNK] -> [BLOCK_T]: the chunk axis (registers) first, then CHUNK
+    (registers, then across the token's lanes)."""
+    return tl.max(tl.max(tile, axis=0), axis=1)
 
 
 @triton.jit
 def _row_min(tile):
-    return tl.min(tl.min(tile, axis=2), axis=1)
+    return tl.min(tl.min(tile, axis=0), axis=1)
 
 
 @triton.jit
 def _per_row(value):
-    """[BLOCK_T] -> [BLOCK_T, 1, 1], expanded in the reverse order of _row_max's
+    """[BLOCK_T] -> [1, BLOCK_T, 1], expanded in the reverse order of _row_max's
     reductions so the layout is the tile's own (no conversion per step)."""
-    return tl.expand_dims(tl.expand_dims(value, 1), 2)
-
-
-@triton.jit
-def _token_view(flat, BLOCK_T: tl.constexpr, NCHUNK: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
-    """[NCHUNK * BLOCK_T, LANES * VEC] (chunk-major) -> [BLOCK_T, LANES, NCHUNK * VEC]: a thread's
-    registers of one token, every chunk, side by side (only a relabelling of registers)."""
-    split = tl.reshape(flat, [NCHUNK, BLOCK_T, LANES, VEC])
-    return tl.reshape(tl.permute(split, 1, 2, 0, 3), [BLOCK_T, LANES, NCHUNK * VEC])
+    return tl.expand_dims(tl.expand_dims(value, 1), 0)
 
 
 # Float keys are exact integers in [2^23, 2^24): this bit pattern is 2^23 (exponent 23, mantissa 0).
@@ -87,7 +83,7 @@ _FLOAT_KEY_BASE = tl.constexpr(0x4B000000)
 @triton.jit
 def _make_keys(raw, col, col_ok, INPUT_BITS: tl.constexpr, LOG_E: tl.constexpr, VALUE_BITS: tl.constexpr,
                KEY_KIND: tl.constexpr, PAD: tl.constexpr):
-    """Distinct per-token keys for a [BLOCK_T, LANES, R] tile of raw bits:
+    """Distinct per-token keys for a [NCHUNK, BLOCK_T, CHUNK] tile of raw bits:
     the value part (VALUE_BITS of the signed magnitude) above LOG_E id bits.
     Padding columns get the value part -2^(VALUE_BITS-1), below every logit's.
     KEY_KIND 0: int32; 1: int64 (exact fp32); 2: fp32 holding the int32 key
@@ -120,33 +116,33 @@ def _key_bits(top, LOG_E: tl.constexpr, VALUE_BITS: tl.constexpr, KEY_KIND: tl.c
 
 
 @triton.jit
-def _slot_tile(tie_to, LANES: tl.constexpr, R: tl.constexpr, SPL: tl.constexpr):
-    """[BLOCK_T, LANES, R] int32: the output slot each register keeps (-1:
-    none). Slot ``lane * SPL + s`` sits at register ``s * R / SPL`` of the
-    lane, so which register it is is known at compile time; ``tie_to`` (any
-    tile of the shape, contributing nothing) gives it that tile's layout."""
-    lane = tl.arange(0, LANES)[None, :, None]
-    reg = tl.arange(0, R)[None, None, :]
-    step: tl.constexpr = R // SPL
-    return tl.where(reg % step == 0, lane * SPL + reg // step, -1) | (tie_to & 0)
+def _slot_tile(col, CHUNK: tl.constexpr, VEC: tl.constexpr, SPL: tl.constexpr):
+    """[NCHUNK, BLOCK_T, CHUNK] int32: the output slot each register keeps
+    (-1: none). Slot ``lane * SPL + s`` sits in the first chunk, at the
+    lane's element ``s * VEC / SPL``, so which register it is is known at
+    compile time."""
+    inner = col % VEC
+    step: tl.constexpr = VEC // SPL
+    return tl.where((col < CHUNK) & (inner % step == 0), (col // VEC) * SPL + inner // step, -1)
 
 
 @triton.jit
-def _compact(tile, BLOCK_T: tl.constexpr, LANES: tl.constexpr, R: tl.constexpr, SPL: tl.constexpr):
-    """[BLOCK_T, LANES, R] with one live register per slot -> [BLOCK_T, LANES * SPL], column = slot
-    (max-combines each group of R / SPL registers; the dead ones hold the dtype's minimum)."""
-    if SPL == 1:
-        return tl.max(tile, axis=2)
-    grouped = tl.max(tl.reshape(tile, [BLOCK_T, LANES, SPL, R // SPL]), axis=3)
-    return tl.reshape(grouped, [BLOCK_T, LANES * SPL])
+def _compact(tile, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, VEC: tl.constexpr, SPL: tl.constexpr):
+    """[NCHUNK, BLOCK_T, CHUNK] with one live register per slot -> [BLOCK_T, CHUNK / VEC * SPL],
+    column = slot (max-combines the registers; the dead ones hold the dtype's minimum)."""
+    step: tl.constexpr = VEC // SPL
+    return tl.max(tl.reshape(tl.max(tile, axis=0), [BLOCK_T, CHUNK // step, step]), axis=2)
 
 
 @triton.jit
 def _select_top(keys, slot, COUNT: tl.constexpr, OUT: tl.constexpr, LOG_E: tl.constexpr, TRACK_TIES: tl.constexpr,
-                BLOCK_T: tl.constexpr, LANES: tl.constexpr, R: tl.constexpr, SPL: tl.constexpr):
+                BLOCK_T: tl.constexpr, CHUNK: tl.constexpr, VEC: tl.constexpr, SPL: tl.constexpr):
     """The COUNT largest keys of each token, descending, chained; the first
-    OUT come back as [BLOCK_T, LANES * SPL] with column = slot, and per token
-    whether two adjacent keys share their value bits (only when TRACK_TIES)."""
+    OUT come back as [BLOCK_T, columns] with column = slot (SPL > 0: the
+    compact layout of _slot_tile; SPL == 0, when a lane's first chunk cannot
+    hold its slots: [BLOCK_T, OUT], every lane of a token keeping every
+    slot), and per token whether two adjacent keys share their value bits
+    (only when TRACK_TIES)."""
     unsigned: tl.constexpr = tl.uint64 if keys.dtype == tl.int64 else tl.uint32
     lowest: tl.constexpr = float("-inf") if keys.dtype == tl.float32 else (
         -(2**63) if keys.dtype == tl.int64 else -(2**31))
@@ -155,7 +151,11 @@ def _select_top(keys, slot, COUNT: tl.constexpr, OUT: tl.constexpr, LOG_E: tl.co
         best = _row_max(keys.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
     else:
         best = _row_max(keys)
-    kept = tl.where(slot == 0, _per_row(best), lowest)
+    if SPL > 0:
+        kept = tl.where(slot == 0, _per_row(best), lowest)
+    else:
+        columns = tl.arange(0, OUT)[None, :]
+        top = tl.broadcast_to(best[:, None], [BLOCK_T, OUT])
     tie = tl.zeros(best.shape, tl.int1)
     for j in tl.static_range(1, COUNT):
         below = best - 1
@@ -167,8 +167,13 @@ def _select_top(keys, slot, COUNT: tl.constexpr, OUT: tl.constexpr, LOG_E: tl.co
             tie = tie | ((following >> LOG_E) == (best >> LOG_E))
         best = following
         if j < OUT:
-            kept = tl.where(slot == j, _per_row(best), kept)
-    return _compact(kept, BLOCK_T, LANES, R, SPL), tie
+            if SPL > 0:
+                kept = tl.where(slot == j, _per_row(best), kept)
+            else:
+                top = tl.where(columns == j, best[:, None], top)
+    if SPL > 0:
+        top = _compact(kept, BLOCK_T, CHUNK, VEC, SPL)
+    return top, tie
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -197,7 +202,6 @@ def gemma4_routing_kernel(
     INPUT_BITS: tl.constexpr = INPUT_DTYPE.primitive_bitwidth
     RAW_DTYPE: tl.constexpr = tl.int16 if INPUT_BITS == 16 else tl.int32
     CHUNK: tl.constexpr = LANES * VEC
-    R: tl.constexpr = NCHUNK * VEC
     first = tl.program_id(0).to(tl.int64) * BLOCK_T
     flat = tl.arange(0, NCHUNK * BLOCK_T)
     flat_rows = first + flat % BLOCK_T
@@ -207,26 +211,28 @@ def gemma4_routing_kernel(
         flat_ok = flat_ok & (flat_col < num_experts)
     flat_raw = tl.load(logits_ptr.to(tl.pointer_type(RAW_DTYPE)) + flat_rows[:, None] * row_stride + flat_col,
                        mask=flat_ok, other=0)
-    raw = _token_view(flat_raw, BLOCK_T, NCHUNK, LANES, VEC).to(tl.int32)
-    # Register r of lane l holds column (r // VEC) * CHUNK + l * VEC + r % VEC.
-    lane = tl.arange(0, LANES)[None, :, None]
-    reg = tl.arange(0, R)[None, None, :]
-    col = ((reg // VEC) * CHUNK + lane * VEC + reg % VEC) | (raw & 0)
+    raw = tl.reshape(flat_raw, [NCHUNK, BLOCK_T, CHUNK]).to(tl.int32)
+    # Each register's column is a compile-time function of its lane; the `& 0` (folded away)
+    # ties col, and so every per-column tile, to the logits' layout.
+    col = (tl.arange(0, NCHUNK)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]) | (raw & 0)
     col_ok = col < num_experts
     row_ok = first + tl.arange(0, BLOCK_T) < num_tokens
-    slot = _slot_tile(raw, LANES, R, SPL)
+    slot = _slot_tile(col, CHUNK, VEC, max(SPL, 1))
 
     top, tie = _select_top(_make_keys(raw, col, col_ok, INPUT_BITS, LOG_E, VALUE_BITS, KEY_KIND, PAD), slot,
-                           TOPK + 1 if GUARD else TOPK, OUT, LOG_E, GUARD, BLOCK_T, LANES, R, SPL)
+                           TOPK + 1 if GUARD else TOPK, OUT, LOG_E, GUARD, BLOCK_T, CHUNK, VEC, SPL)
     ids, values = _key_bits(top, LOG_E, VALUE_BITS, KEY_KIND)
     if GUARD:  # noqa: SIM102 - a compile-time branch around a runtime one
         # fp32 logits with truncated keys: redo the tile with exact 64-bit keys on a near-tie.
         if tl.max((tie & row_ok).to(tl.int32)) > 0:
             wide, _ = _select_top(_make_keys(raw, col, col_ok, INPUT_BITS, LOG_E, 32, 1, PAD), slot, TOPK, OUT,
-                                  LOG_E, False, BLOCK_T, LANES, R, SPL)
+                                  LOG_E, False, BLOCK_T, CHUNK, VEC, SPL)
             ids, _ = _key_bits(wide, LOG_E, 32, 1)
 
-    slots = _compact(slot, BLOCK_T, LANES, R, SPL)
+    if SPL > 0:
+        slots = _compact(slot, BLOCK_T, CHUNK, VEC, SPL)
+    else:
+        slots = tl.broadcast_to(tl.arange(0, OUT)[None, :], [BLOCK_T, OUT])
     rows = first + tl.arange(0, BLOCK_T)
     slot_ok = (slots >= 0) & (slots < TOPK)
     out_ok = (rows < num_tokens)[:, None] & slot_ok

@@ -94,7 +94,7 @@ def kernel_layout(dtype: torch.dtype, config: RoutingConfig, topk: int, experts:
     """The kernel's tile and key constexprs.
 
     A token's logits are spread over LANES lanes, NCHUNK * VEC per lane,
-    loaded VEC at a time.
+    loaded VEC at a time; each lane keeps SPL of the OUT output slots.
     Keys hold VALUE_BITS of the logit's signed magnitude above log2(BLOCK_E)
     id bits, at most 31 bits in all so key differences cannot overflow:
     every bit of a bf16/fp16 logit (exact; as fp32 integers when they fit in
@@ -117,8 +117,10 @@ def kernel_layout(dtype: torch.dtype, config: RoutingConfig, topk: int, experts:
     vec = min(16 // dtype.itemsize, block_e // lanes)
     chunk = lanes * vec
     out = next_power_of_2(topk)
-    # Each lane of a token keeps SPL output slots, so the softmax and stores run once per slot.
+    # Each lane of a token keeps SPL output slots, so the softmax and stores run once per slot;
+    # they must fit in its registers of the first chunk, else (SPL 0) every lane keeps every slot.
     spl = max(1, out // lanes)
+    spl = spl if spl <= vec else 0
     return {"NCHUNK": block_e // chunk, "LANES": lanes, "VEC": vec, "SPL": spl, "OUT": out, "LOG_E": log_e,
             "PAD": experts != block_e, "VALUE_BITS": value_bits, "KEY_KIND": key_kind, "GUARD": guard}
 

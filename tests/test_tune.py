@@ -74,3 +74,26 @@ def test_interrupted_tune_resumes(tmp_path, kernel_device):
     assert len(calls) == 4  # the one measured before was not measured again
     assert not partial.exists()
     assert len(json.loads(out.read_text())["entries"]) == 2
+
+
+def test_logged_shapes_map_to_their_logit_width():
+    device = Device.from_arch("sm90")
+    for dtype, bits in (("float32", 32), ("bfloat16", 16), ("float16", 16)):
+        shape = {"tokens": 5, "experts": 128, "topk": 8, "dtype": dtype}
+        assert TUNING.project(shape, device) == {"tokens": 5, "experts": 128, "logit_bits": bits}
+
+
+def test_heuristic_programs_cover_their_threads():
+    """Every heuristic config already spans its threads (launch() need not widen it)."""
+    import torch
+
+    from rocmoe.backends.triton.gemma4_routing import BENCH_TOKENS, kernel_layout, program_tokens
+
+    for arch in ("sm90", "gfx942", "gfx950"):
+        device = Device.from_arch(arch)
+        for experts in (64, 128, 1024):
+            for bits, dtype in ((32, torch.float32), (16, torch.bfloat16)):
+                for tokens in BENCH_TOKENS:
+                    config = SPEC.heuristic(device)({"tokens": tokens, "experts": experts, "logit_bits": bits})
+                    layout = kernel_layout(dtype, config, 8, experts)
+                    assert program_tokens(config, layout, device.limits.warp_size) == config.BLOCK_T, (arch, config)

@@ -216,7 +216,8 @@ def gemma4_routing_kernel(
     # ties col, and so every per-column tile, to the logits' layout.
     col = (tl.arange(0, NCHUNK)[:, None, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]) | (raw & 0)
     col_ok = col < num_experts
-    row_ok = first + tl.arange(0, BLOCK_T) < num_tokens
+    rows = first + tl.arange(0, BLOCK_T)
+    row_ok = rows < num_tokens
     slot = _slot_tile(col, CHUNK, VEC, max(SPL, 1))
 
     top, tie = _select_top(_make_keys(raw, col, col_ok, INPUT_BITS, LOG_E, VALUE_BITS, KEY_KIND, PAD), slot,
@@ -233,9 +234,8 @@ def gemma4_routing_kernel(
         slots = _compact(slot, BLOCK_T, CHUNK, VEC, SPL)
     else:
         slots = tl.broadcast_to(tl.arange(0, OUT)[None, :], [BLOCK_T, OUT])
-    rows = first + tl.arange(0, BLOCK_T)
     slot_ok = (slots >= 0) & (slots < TOPK)
-    out_ok = (rows < num_tokens)[:, None] & slot_ok
+    out_ok = row_ok[:, None] & slot_ok
     ids = tl.where(slot_ok, ids, 0)
     if GUARD:
         # Truncated keys: the exact logits by id (this row was just read, so they come from cache).

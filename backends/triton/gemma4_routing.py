@@ -146,9 +146,9 @@ def build_variants(arch: str):
         configs |= {(128, when.get("logit_bits", (32, 32))[0], params) for when, params in table.entries}
     builds = []
     for experts, bits, cfg in sorted(configs, key=repr):
-        for dtype in ("fp32",) if bits == 32 else ("bf16", "fp16"):
-            keys = kernel_layout(getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]),
-                                 cfg, 8, experts)
+        for torch_dtype, dtype in ((torch.float32, "fp32"),) if bits == 32 else (
+                (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            keys = kernel_layout(torch_dtype, cfg, 8, experts)
             block_t = program_tokens(cfg, keys, device.limits.warp_size)
             builds.append(KernelBuild(
                 op="gemma4_routing",

@@ -42,6 +42,12 @@ class KernelBuild:
 
     ``kernel`` is ``"module:function"`` so jobs can travel to worker processes.
     ``expects_dot``: the kernel uses tl.dot, so matrix instructions must appear.
+    ``aligned``: integer arguments that are multiples of 16 at the launches
+    this build stands for. Triton specialises those (and every pointer, since
+    torch allocations are 16-byte aligned) as divisible by 16 when it compiles
+    for a launch, so the build does too: without it the loads would not be
+    vectorised as they are on the GPU, and the register counts would be
+    another kernel's.
     """
 
     op: str
@@ -51,6 +57,12 @@ class KernelBuild:
     options: tuple[tuple[str, Any], ...]
     label: str
     expects_dot: bool = False
+    aligned: tuple[str, ...] = ()
+
+    def specialisation(self) -> dict[tuple[int], list[list[Any]]]:
+        """Triton's per-argument attributes: 16-divisibility of the pointers and ``aligned``."""
+        return {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(self.signature)
+                if kind.startswith("*") or name in self.aligned}
 
 
 @dataclass
@@ -162,7 +174,8 @@ def compile_one(build: KernelBuild, arch: str) -> BuildResult:
     if not arch.startswith("gfx"):
         options = {k: v for k, v in options.items() if k not in ("waves_per_eu", "matrix_instr_nonkdim", "kpack")}
     try:
-        compiled = triton.compile(ASTSource(kernel, dict(build.signature), dict(build.constexprs)),
+        compiled = triton.compile(ASTSource(kernel, dict(build.signature), dict(build.constexprs),
+                                            build.specialisation()),
                                   target=aot_target(arch), options=options)
     except Exception as exc:  # a compile error is a result, not a crash
         result.problems.append(f"compile error: {_root_cause(exc)[:300]}")

@@ -19,6 +19,7 @@ CONFIGS = [
     MlaConfig(16, 16, 4, 1, 3),   # chunks that end mid-block
     MlaConfig(32, 32, 4, 1, 4),   # more chunks than some queries have keys
     MlaConfig(16, 16, 2, 1, 8),
+    MlaConfig(64, 32, 8, 3, 2),   # sm90's shape for 64+ heads: wgmma, pipelined gather; most heads masked here
 ]
 
 
@@ -74,7 +75,7 @@ def test_configs_with_every_feature(kernel_device, gen, config, heads, dim, d_v)
     assert (out[3] == 0).all() and (lse[3] == math.inf).all()
 
 
-@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2]], ids=repr)
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2], CONFIGS[4]], ids=repr)
 def test_nan_rows_outside_the_selection(kernel_device, gen, config):
     q, cache, idx, _ = _problem(gen, 3, 16, 80, topk=24, dtype=_dtype(kernel_device))
     clean = cache.clone()
@@ -92,7 +93,7 @@ def test_split_dims():
     assert split_dims(96) == (64, 32) and split_dims(100) is None
 
 
-@pytest.mark.parametrize("arch", ["sm90", "gfx942", "gfx950"])
+@pytest.mark.parametrize("arch", ["sm90", "sm100", "gfx942", "gfx950"])
 def test_heuristic_fills_the_device_at_small_batch(arch):
     # The family heuristic (what a device without a measured table runs; sm90's
     # table may choose fewer chunks where it measured them faster).

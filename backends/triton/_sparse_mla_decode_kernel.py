@@ -5,11 +5,15 @@ token and a block of BLOCK_H heads, gathers BLOCK_N selected cache rows at a
 time (each row read once per program, for all its heads) and runs
 ``S = Q K^T`` and ``O += P V`` with ``tl.dot``. D = 576 is not a power of
 two: the score dot is split into the first D_MAIN = 512 columns and a D_TAIL =
-64 tail; V is the first d_v <= D_MAIN columns of the same loaded rows.
+64 tail; V is the first d_v <= D_MAIN columns of the same loaded rows. The
+D_MAIN columns are handled as two halves (two loads, two score dots, two
+output accumulators): with 64 heads on sm90 (wgmma, the fp32 [64, 512]
+accumulator at 128 registers a thread) one [64, 512] tile and its store
+left no room for the rest and spilled; halves do not.
 
 The key list (the indexed keys, then the extra keys of DeepSeek-V4) is cut into
-SPLIT chunks along a third grid axis when T * H / BLOCK_H programs cannot fill
-the device. With SPLIT = 1 a program writes the final output; otherwise it
+SPLIT chunks along the grid when T * H / BLOCK_H programs cannot fill the
+device. With SPLIT = 1 a program writes the final output; otherwise it
 writes an fp32 partial output and a base-2 logsumexp per head, and the reduce
 kernel merges them, applies the attention sink and writes out/lse.
 
@@ -28,10 +32,11 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b, accumulated in place (one live accumulator)."""
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+        return tl.dot(a, b, acc=acc, input_precision="ieee")
+    return tl.dot(a, b, acc=acc)
 
 
 @triton.jit
@@ -47,48 +52,63 @@ def _row_offsets(rows, D: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q_main, q_tail, cache_ptr, idx_row, length, rows, xcache_ptr, xidx_row, xlength, xrows,
-            topk, start, stop, qk_scale, D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
-            BLOCK_N: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr):
-    """Online softmax over keys[start:stop] of the combined key list (the
-    indexed keys, then the extra keys: one loop, so one set of live
-    registers); returns (acc, m, l)."""
-    cols = tl.arange(0, D_MAIN)
-    for base in range(start, stop, BLOCK_N):
-        j = base + tl.arange(0, BLOCK_N)
-        in_chunk = j < stop
-        is_main = j < topk
-        idx = tl.load(idx_row + j, mask=in_chunk & is_main, other=-1)
-        valid = in_chunk & is_main & (j < length) & (idx >= 0) & (idx < rows)
-        row_ptr = cache_ptr + _row_offsets(tl.where(valid, idx, 0), D, WIDE)
-        k_main = tl.load(row_ptr + cols[None, :], mask=valid[:, None], other=0.0)
+def _attend(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, q_tail, cache_ptr, idx_row, length, rows, start, stop,
+            xcache_ptr, xidx_row, xlength, xrows, xstart, xstop, qk_scale, D: tl.constexpr, D_MAIN: tl.constexpr,
+            D_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr,
+            WIDE: tl.constexpr):
+    """Online softmax over the indexed keys idx_row[start:stop] and then (V4)
+    the extra keys xidx_row[xstart:xstop]; returns (acc_lo, acc_hi, m, l).
+    Only the first ``length`` / ``xlength`` of each list count and -1 /
+    out-of-range ids are skipped. One loop walks both lists in tiles of
+    BLOCK_N that never straddle them, so a tile's base pointer, list and
+    bounds are scalars: every load has one base, and the pipeliner turns it
+    into asynchronous copies that feed the dots directly."""
+    HALF: tl.constexpr = D_MAIN // 2
+    cols = tl.arange(0, HALF)
+    main_tiles = tl.cdiv(tl.maximum(stop - start, 0), BLOCK_N)
+    tiles = main_tiles
+    if HAS_EXTRA:
+        tiles += tl.cdiv(tl.maximum(xstop - xstart, 0), BLOCK_N)
+    for tile in range(0, tiles):
+        if HAS_EXTRA:
+            in_main = tile < main_tiles
+            first = tl.where(in_main, start + tile * BLOCK_N, xstart + (tile - main_tiles) * BLOCK_N)
+            end = tl.where(in_main, stop, xstop)
+            limit = tl.where(in_main, length, xlength)
+            nrows = tl.where(in_main, rows, xrows)
+            ids = tl.where(in_main, idx_row, xidx_row)
+            src = tl.where(in_main, cache_ptr, xcache_ptr)
+        else:
+            first = start + tile * BLOCK_N
+            end = stop
+            limit = length
+            nrows = rows
+            ids = idx_row
+            src = cache_ptr
+        j = first + tl.arange(0, BLOCK_N)
+        live = j < end
+        idx = tl.load(ids + j, mask=live, other=-1)
+        valid = live & (j < limit) & (idx >= 0) & (idx < nrows)
+        row_ptr = src + _row_offsets(tl.where(valid, idx, 0), D, WIDE)
+        k_lo = tl.load(row_ptr + cols[None, :], mask=valid[:, None], other=0.0)
+        k_hi = tl.load(row_ptr + HALF + cols[None, :], mask=valid[:, None], other=0.0)
+        s = tl.zeros([q_lo.shape[0], BLOCK_N], dtype=tl.float32)
         if D_TAIL > 0:
             k_tail = tl.load(row_ptr + D_MAIN + tl.arange(0, D_TAIL)[None, :], mask=valid[:, None], other=0.0)
-        if HAS_EXTRA:
-            # A second masked load (each from one uniform base) rather than a
-            # per-row choice of base pointer, which spills on CDNA.
-            jx = j - topk
-            xidx = tl.load(xidx_row + jx, mask=in_chunk & ~is_main, other=-1)
-            xvalid = in_chunk & ~is_main & (jx < xlength) & (xidx >= 0) & (xidx < xrows)
-            xrow_ptr = xcache_ptr + _row_offsets(tl.where(xvalid, xidx, 0), D, WIDE)
-            k_main = tl.where(xvalid[:, None], tl.load(xrow_ptr + cols[None, :], mask=xvalid[:, None], other=0.0),
-                              k_main)
-            if D_TAIL > 0:
-                k_tail = tl.where(xvalid[:, None], tl.load(xrow_ptr + D_MAIN + tl.arange(0, D_TAIL)[None, :],
-                                                           mask=xvalid[:, None], other=0.0), k_tail)
-            valid = valid | xvalid
-        s = _dot(q_main, tl.trans(k_main), IEEE)
-        if D_TAIL > 0:
-            s += _dot(q_tail, tl.trans(k_tail), IEEE)
+            s = _dot(q_tail, tl.trans(k_tail), s, IEEE)
+        s = _dot(q_lo, tl.trans(k_lo), s, IEEE)
+        s = _dot(q_hi, tl.trans(k_hi), s, IEEE)
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(k_main.dtype), k_main, IEEE)
+        pb = p.to(k_lo.dtype)
+        acc_lo = _dot(pb, k_lo, acc_lo * alpha[:, None], IEEE)
+        acc_hi = _dot(pb, k_hi, acc_hi * alpha[:, None], IEEE)
         m_i = m_new
-    return acc, m_i, l_i
+    return acc_lo, acc_hi, m_i, l_i
 
 
 @triton.jit
@@ -99,62 +119,84 @@ def _sink_factor(lse2, sink_ptr, heads, head_ok):
     return 1.0 / (1.0 + tl.exp2(sink * _LOG2E - lse2))
 
 
-@triton.jit(do_not_specialize=["rows", "xrows"])
+@triton.jit(do_not_specialize=["rows", "xrows", "split"])
 def sparse_mla_decode_kernel(
     q_ptr, cache_ptr, idx_ptr, len_ptr, xcache_ptr, xidx_ptr, xlen_ptr, sink_ptr,
     out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
     num_heads, rows, xrows, topk, xtopk, qk_scale, d_v,
     q_stride_t, q_stride_h, idx_stride, xidx_stride, out_stride_t, out_stride_h, lse_stride,
-    chunk,
+    chunk, split,
     D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_XLEN: tl.constexpr, HAS_SINK: tl.constexpr,
     PARTIAL: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """Grid (T, cdiv(H, BLOCK_H), SPLIT); PARTIAL when SPLIT > 1 (partials for
-    the reduce instead of the output). qk_scale is softmax_scale * log2(e)."""
-    t = tl.program_id(0)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    part = tl.program_id(2)
+    """Grid (T * split * cdiv(H, BLOCK_H),), the head block fastest: the
+    programs that gather the same key rows (one token's key chunk, every head
+    block) run side by side and share them through L2. PARTIAL when split > 1
+    (partials for the reduce instead of the output). qk_scale is
+    softmax_scale * log2(e)."""
+    head_blocks = tl.cdiv(num_heads, BLOCK_H)
+    pid = tl.program_id(0)
+    heads = (pid % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    part = (pid // head_blocks) % split
+    t = pid // (head_blocks * split)
     head_ok = heads < num_heads
     t64 = t.to(tl.int64)
 
     q_rows = q_ptr + t64 * q_stride_t + heads[:, None].to(tl.int64) * q_stride_h
-    q_main = tl.load(q_rows + tl.arange(0, D_MAIN)[None, :], mask=head_ok[:, None], other=0.0)
+    HALF: tl.constexpr = D_MAIN // 2
+    q_lo = tl.load(q_rows + tl.arange(0, HALF)[None, :], mask=head_ok[:, None], other=0.0)
+    q_hi = tl.load(q_rows + HALF + tl.arange(0, HALF)[None, :], mask=head_ok[:, None], other=0.0)
     if D_TAIL > 0:
         q_tail = tl.load(q_rows + D_MAIN + tl.arange(0, D_TAIL)[None, :], mask=head_ok[:, None], other=0.0)
     else:
-        q_tail = q_main  # unused
+        q_tail = q_lo  # unused
 
-    acc = tl.zeros([BLOCK_H, D_MAIN], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
 
     length = tl.load(len_ptr + t) if HAS_LEN else topk
     xlength = tl.load(xlen_ptr + t) if HAS_XLEN else xtopk
     start = part * chunk
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q_main, q_tail, cache_ptr, idx_ptr + t64 * idx_stride, length, rows,
-                            xcache_ptr, xidx_ptr + t64 * xidx_stride, xlength, xrows, topk, start,
-                            tl.minimum(start + chunk, topk + xtopk), qk_scale, D, D_MAIN, D_TAIL, BLOCK_N,
-                            HAS_EXTRA, IEEE, WIDE)
+    stop = tl.minimum(start + chunk, topk + xtopk)
+    acc_lo, acc_hi, m_i, l_i = _attend(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, q_tail, cache_ptr,
+                                       idx_ptr + t64 * idx_stride, length, rows, start, tl.minimum(stop, topk),
+                                       xcache_ptr, xidx_ptr + t64 * xidx_stride, xlength, xrows,
+                                       tl.maximum(start, topk) - topk, stop - topk, qk_scale, D, D_MAIN, D_TAIL,
+                                       BLOCK_N, HAS_EXTRA, IEEE, WIDE)
 
+    # The epilogue's head indices are re-derived from the loop's result (l >= 0,
+    # so this adds 0): computed before the loop, the per-head output
+    # addresses and masks would stay live through it (and spill there).
+    heads = heads + (l_i < 0).to(tl.int32)
+    head_ok = heads < num_heads
     has_key = l_i > 0
     l_safe = tl.where(has_key, l_i, 1.0)
     lse2 = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))
-    out = acc / l_safe[:, None]
-    dv_cols = tl.arange(0, D_MAIN)
-    dv_mask = head_ok[:, None] & (dv_cols < d_v)[None, :]
+    # One per-head factor (1 / l, times the sink's share for a final output)
+    # and one multiply per element: fewer live values than a divide.
+    row_scale = 1.0 / l_safe
+    if HAS_SINK and not PARTIAL:
+        row_scale = row_scale * _sink_factor(lse2, sink_ptr, heads, head_ok)
+    out_lo = acc_lo * row_scale[:, None]
+    out_hi = acc_hi * row_scale[:, None]
+    dv_cols = tl.arange(0, HALF)
+    lo_mask = head_ok[:, None] & (dv_cols < d_v)[None, :]
+    hi_mask = head_ok[:, None] & (dv_cols + HALF < d_v)[None, :]
     if not PARTIAL:
-        if HAS_SINK:
-            out = out * _sink_factor(lse2, sink_ptr, heads, head_ok)[:, None]
         out_rows = out_ptr + t64 * out_stride_t + heads[:, None].to(tl.int64) * out_stride_h
-        tl.store(out_rows + dv_cols[None, :], out.to(out_ptr.dtype.element_ty), mask=dv_mask)
+        tl.store(out_rows + dv_cols[None, :], out_lo.to(out_ptr.dtype.element_ty), mask=lo_mask)
+        tl.store(out_rows + HALF + dv_cols[None, :], out_hi.to(out_ptr.dtype.element_ty), mask=hi_mask)
         tl.store(lse_ptr + t64 * lse_stride + heads, tl.where(has_key, lse2 * _LN2, float("inf")), mask=head_ok)
     else:
         # Partials: [T, SPLIT, H, d_v] fp32 (normalised by this chunk's l) and [T, SPLIT, H] base-2 lse.
-        slot = t64 * tl.num_programs(2) + part
+        slot = t64 * split + part
         tl.store(part_lse_ptr + slot * num_heads + heads, lse2, mask=head_ok)
         part_rows = part_out_ptr + (slot * num_heads + heads[:, None].to(tl.int64)) * d_v
-        tl.store(part_rows + dv_cols[None, :], out, mask=dv_mask)
+        tl.store(part_rows + dv_cols[None, :], out_lo, mask=lo_mask)
+        tl.store(part_rows + HALF + dv_cols[None, :], out_hi, mask=hi_mask)
 
 
 @triton.jit(do_not_specialize=["split"])

@@ -77,15 +77,33 @@ def _split_for(tokens: int, head_blocks: int, keys: int, block_n: int, units: in
 
 
 def _nvidia_heuristic(regime: Mapping[str, int]) -> MlaConfig:
-    """Hopper/Blackwell/Ampere: 32 heads share a gather (a 64-head block's fp32
-    [64, 512] accumulator spills on sm90 at any warp count Triton allows), 32
-    keys per step, eight warps; split to two programs per SM when the batch
-    cannot fill the device."""
+    """Ampere/Blackwell/other NVIDIA (unmeasured): 32 heads share a gather,
+    32 keys per step, eight warps, a double-buffered gather (the cp.async
+    pipeline: 76 KB of shared memory, within every arch's limit); split to
+    two programs per SM when the batch cannot fill the device."""
     heads = regime["heads"]
     block_h = 32 if heads > 16 else 16
     block_n = 32
     split = _split_for(regime["tokens"], -(-heads // block_h), regime["keys"], block_n, regime["compute_units"], 2)
-    return MlaConfig(block_h, block_n, 8 if block_h == 32 else 4, 1, split)
+    return MlaConfig(block_h, block_n, 8 if block_h == 32 else 4, 2, split)
+
+
+def _hopper_heuristic(regime: Mapping[str, int]) -> MlaConfig:
+    """sm90, from sweeps on the H100 (``ci/mla_sweep.py``): with 64 heads or
+    more, 64-head blocks on eight warps (wgmma; the fp32 [64, 512]
+    accumulator takes 128 registers a thread) and 32 keys per step in a
+    double-buffered cp.async pipeline - one program fills an SM (255
+    registers, 148 KB of shared memory), so the split aims at one program per
+    SM. Fewer heads: 16-head blocks, four warps, 64 keys, two stages (two
+    programs per SM). Larger steps or deeper pipelines at 64 heads spill."""
+    heads = regime["heads"]
+    if heads >= 64:
+        block_h, block_n, warps, stages, waves = 64, 32, 8, 2, 1
+    else:
+        block_h, block_n, warps, stages, waves = 16, 64, 4, 2, 2
+    split = _split_for(regime["tokens"], -(-heads // block_h), regime["keys"], block_n, regime["compute_units"],
+                       waves)
+    return MlaConfig(block_h, block_n, warps, stages, split)
 
 
 def _cdna_heuristic(regime: Mapping[str, int]) -> MlaConfig:
@@ -104,7 +122,7 @@ SPEC = register_spec(ConfigSpec(
     params=MlaConfig,
     regime_keys=("tokens", "heads", "keys", "head_dim", "compute_units"),
     heuristics={"cdna3": _cdna_heuristic, "cdna4": _cdna_heuristic, "amd": _cdna_heuristic,
-                "default": _nvidia_heuristic},
+                "hopper": _hopper_heuristic, "default": _nvidia_heuristic},
 ))
 
 
@@ -135,7 +153,7 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
         part_lse = torch.empty((num_tokens, split, num_heads), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = lse_out  # never touched
-    grid = (num_tokens, triton.cdiv(num_heads, config.BLOCK_H), split)
+    grid = (num_tokens * split * triton.cdiv(num_heads, config.BLOCK_H),)
     with launch_device(q):
         sparse_mla_decode_kernel[grid](
             q, cache, indices,
@@ -150,7 +168,7 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
             topk, extra_topk, float(softmax_scale) * 1.4426950408889634, d_v,
             q.stride(0), q.stride(1), indices.stride(0), extra_indices.stride(0) if has_extra else 0,
             out.stride(0), out.stride(1), lse_out.stride(0),
-            chunk,
+            chunk, split,
             D=head_dim, D_MAIN=main, D_TAIL=tail, BLOCK_H=config.BLOCK_H, BLOCK_N=config.BLOCK_N,
             HAS_LEN=topk_length is not None, HAS_EXTRA=has_extra, HAS_XLEN=extra_topk_length is not None,
             HAS_SINK=attn_sink is not None, PARTIAL=split > 1, IEEE=q.dtype == torch.float32,
@@ -220,12 +238,15 @@ def build_variants(arch: str):
     for _, dim, heads, topk, extra in BENCH_SHAPES:
         if extra and device.family in _CDNA:
             continue
-        jobs |= {(dim, extra > 0, SPEC.heuristic(device)(_regime(device, t, heads, topk + extra, dim)))
-                 for t in BENCH_TOKENS}
+        jobs |= {(dim, has_extra, SPEC.heuristic(device)(_regime(device, t, heads, topk + extra, dim)))
+                 for t in BENCH_TOKENS for has_extra in {False, extra > 0}}
     if table is not None:
+        # A measured entry is built the way its model runs: D = 576 (V3.2)
+        # without the extra key set, D = 512 (V4) with and without it.
         for when, cfg in table.entries:
             dims = (when["head_dim"][0],) if "head_dim" in when else tuple({dim for _, dim, *_ in BENCH_SHAPES})
-            jobs |= {(dim, has_extra, cfg) for dim in dims for has_extra in extras}
+            jobs |= {(dim, has_extra, cfg) for dim in dims for has_extra in extras
+                     if not has_extra or any(d == dim and extra for _, d, _, _, extra in BENCH_SHAPES)}
     # The split count is a runtime argument of the decode kernel: one build per
     # "partial or not"; the reduce is built per split (its block shapes follow it).
     reduce_splits = sorted({cfg.SPLIT for *_, cfg in jobs if cfg.SPLIT > 1})
@@ -242,12 +263,14 @@ def build_variants(arch: str):
                        ("topk", "i32"), ("xtopk", "i32"), ("qk_scale", "fp32"), ("d_v", "i32"),
                        ("q_stride_t", "i32"), ("q_stride_h", "i32"), ("idx_stride", "i32"), ("xidx_stride", "i32"),
                        ("out_stride_t", "i32"), ("out_stride_h", "i32"), ("lse_stride", "i32"),
-                       ("chunk", "i32")),
+                       ("chunk", "i32"), ("split", "i32")),
             constexprs=(("D", dim), ("D_MAIN", main), ("D_TAIL", tail), ("BLOCK_H", cfg.BLOCK_H),
                         ("BLOCK_N", cfg.BLOCK_N), ("HAS_LEN", has_extra), ("HAS_EXTRA", has_extra),
                         ("HAS_XLEN", has_extra), ("HAS_SINK", has_extra), ("PARTIAL", cfg.SPLIT > 1),
                         ("IEEE", False), ("WIDE", wide)),
             options=(("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages)),
+            aligned=("num_heads", "topk", "xtopk", "d_v", "q_stride_t", "q_stride_h", "idx_stride", "xidx_stride",
+                     "out_stride_t", "out_stride_h", "lse_stride", "chunk"),
             label=(f"D={dim}{' +extra +sink' if has_extra else ''} BLOCK_H={cfg.BLOCK_H} BLOCK_N={cfg.BLOCK_N} "
                    f"warps={cfg.num_warps} stages={cfg.num_stages} {'partial' if cfg.SPLIT > 1 else 'final'}"
                    f"{' int64' if wide else ''}"),
@@ -261,28 +284,29 @@ def build_variants(arch: str):
                        ("out_stride_t", "i32"), ("out_stride_h", "i32"), ("lse_stride", "i32"), ("split", "i32")),
             constexprs=(("BLOCK_H", REDUCE_BLOCK_H), ("BLOCK_DV", block_dv), ("BLOCK_S", block_s),
                         ("HAS_SINK", sink)),
+            aligned=("num_heads", "d_v", "out_stride_t", "out_stride_h", "lse_stride"),
             options=(("num_warps", 4),), label=f"reduce split={split} BLOCK_DV={block_dv} sink={sink}"))
     return builds
 
 
-# (BLOCK_H, BLOCK_N, warps) that compile without spills on sm90 for D = 576
-# and 512, with and without the extra key set (probed with build-check: a
-# table entry serves either); 64-head blocks, 64-key steps and 32 heads with
-# four warps spill there.
-_TUNE_SHAPES = ((16, 16, 4), (16, 16, 8), (16, 32, 8), (32, 16, 8), (32, 32, 8))
+# (BLOCK_H, BLOCK_N, warps, stages) that compile without spills on sm90 with
+# Triton 3.6 and 3.9, for D = 576 and for D = 512 with the extra key set,
+# final and partial (probed like build-check). 64 heads sit at 255 registers:
+# 64-key steps, or a third stage with 32-key steps, spill there.
+_TUNE_SHAPES = ((16, 32, 4, 3), (16, 64, 4, 2), (16, 64, 8, 2), (32, 64, 8, 2), (64, 16, 8, 3), (64, 32, 8, 2))
 
 
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfig]:
     heads, keys, tokens = regime["heads"], regime["keys"], regime["tokens"]
     cands = []
-    for block_h, block_n, warps in _TUNE_SHAPES:
+    for block_h, block_n, warps, stages in _TUNE_SHAPES:
         if block_h > max(16, next_power_of_2(heads)):
             continue
         for split in (1, 2, 4, 8, 16, 32, 64):
             if split > 1 and (keys // split < block_n
                               or tokens * -(-heads // block_h) * split > 4 * device.limits.compute_units):
                 continue
-            cands.append(MlaConfig(block_h, block_n, warps, 1, split))
+            cands.append(MlaConfig(block_h, block_n, warps, stages, split))
     return cands
 
 

@@ -176,7 +176,7 @@ def test_shape_log_skips_capture_and_histograms_asynchronously(cuda, tmp_path):
         shape_log._configure(None, every=64)
 
 
-@pytest.mark.parametrize("tokens", [1, 64])
+@pytest.mark.parametrize("tokens", [1, 64, 128])  # sm90: 16-head split programs, then 64-head wgmma blocks
 @pytest.mark.parametrize("shape", [(576, 16, 2048, 0), (576, 128, 2048, 0), (512, 64, 512, 128)],
                          ids=["v32-h16", "v32-h128", "v4-flash"])
 def test_triton_mla_at_spec_shapes(cuda, gen, tokens, shape):

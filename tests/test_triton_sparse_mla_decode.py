@@ -19,7 +19,7 @@ CONFIGS = [
     MlaConfig(16, 16, 4, 1, 3),   # chunks that end mid-block
     MlaConfig(32, 32, 4, 1, 4),   # more chunks than some queries have keys
     MlaConfig(16, 16, 2, 1, 8),
-    MlaConfig(64, 32, 8, 3, 2),   # sm90's shape for 64+ heads: wgmma, pipelined gather; most heads masked here
+    MlaConfig(64, 32, 8, 2, 2),   # sm90's shape for 64+ heads: wgmma, pipelined gather; most heads masked here
 ]
 
 

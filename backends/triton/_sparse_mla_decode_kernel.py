@@ -216,10 +216,14 @@ def sparse_mla_reduce_kernel(part_out_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_
     parts = tl.arange(0, BLOCK_S)
     slots = t64 * split + parts  # [S]
     rows = slots[:, None] * num_heads + heads[None, :]  # [S, H]
-    lse_s = tl.load(part_lse_ptr + rows, mask=(parts < split)[:, None] & head_ok[None, :], other=float("-inf"))
+    written = (parts < split)[:, None] & head_ok[None, :]
+    lse_s = tl.load(part_lse_ptr + rows, mask=written, other=float("-inf"))
     has = lse_s > float("-inf")
+    # Masked by what was written, not by ``has``: the two loads then go out
+    # together instead of one waiting on the other. A chunk without keys wrote
+    # zeros (and gets weight 0 below).
     part = tl.load(part_out_ptr + rows[:, :, None] * d_v + cols[None, None, :],
-                   mask=has[:, :, None] & col_ok[None, None, :], other=0.0)  # [S, H, DV]
+                   mask=written[:, :, None] & col_ok[None, None, :], other=0.0)  # [S, H, DV]
     m = tl.max(lse_s, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.where(has, tl.exp2(lse_s - m_safe[None, :]), 0.0)

@@ -41,6 +41,21 @@ def test_routing_variants_cover_benchmarks_and_extremes():
     assert len(labels) == len(set(labels))
 
 
+def test_builds_are_specialised_like_a_launch():
+    # Every pointer (torch allocations are 16-byte aligned) and the listed
+    # integers get Triton's divisibility attribute; nothing else does.
+    build = KernelBuild(op="x", kernel="m:k", signature=(("a_ptr", "*bf16"), ("n", "i32"), ("stride", "i32"),
+                                                         ("scale", "fp32"), ("b_ptr", "*i32")),
+                        constexprs=(), options=(), label="x", aligned=("stride",))
+    assert build.specialisation() == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]],
+                                      (4,): [["tt.divisibility", 16]]}
+    mla = [b for b in build_check.collect_variants("sm90", ["sparse_mla_decode"])
+           if b.kernel.endswith("sparse_mla_decode_kernel")]
+    assert mla and all({"q_stride_h", "chunk", "num_heads"} <= set(b.aligned) for b in mla)
+    # Arguments Triton is told not to specialise must not be claimed aligned.
+    assert not any({"rows", "xrows", "split"} & set(b.aligned) for b in mla)
+
+
 def test_real_compile_for_gfx942_and_sm90():
     # The benchmark shape (E=128); build-check itself covers every variant in CI.
     # (Triton 3.6, on the lent GPU machine, spills 4 bytes for E=1024 fp32 on gfx942.)

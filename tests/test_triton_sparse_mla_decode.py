@@ -110,6 +110,22 @@ def test_heuristic_fills_the_device_at_small_batch(arch):
         assert config(512).SPLIT == 1  # a full batch fills the device without a reduce
 
 
+def test_sm90_heuristic_and_table_use_probed_shapes():
+    # _TUNE_SHAPES lists the (heads, keys, warps, stages) that compile without
+    # spills on sm90 with Triton 3.6 and 3.9; the heuristic and the measured
+    # table may only use those (build-check compiles them in CI).
+    from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES
+
+    device = Device.from_arch("sm90")
+    choose = SPEC.heuristic(device)
+    shapes = {(c.BLOCK_H, c.BLOCK_N, c.num_warps, c.num_stages) for c in
+              (choose({"tokens": t, "heads": h, "keys": 2048, "head_dim": 576, "compute_units": 132})
+               for t in (1, 8, 64, 512) for h in (16, 64, 128))}
+    shapes |= {(c.BLOCK_H, c.BLOCK_N, c.num_warps, c.num_stages) for _, c in SPEC.table("sm90").entries}
+    assert shapes <= set(_TUNE_SHAPES), shapes - set(_TUNE_SHAPES)
+    assert choose({"tokens": 64, "heads": 128, "keys": 2048, "head_dim": 576, "compute_units": 132}).BLOCK_H == 64
+
+
 def test_sm90_launches_come_from_the_measured_table():
     device = Device.from_arch("sm90")
     config = launch_config(device, 1, 128, 2048, 576)

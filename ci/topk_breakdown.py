@@ -10,12 +10,13 @@ time from the torch profiler. A developer tool: ``python ci/topk_breakdown.py``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from rocmoe.backends.triton.sparse_topk import HEAD_STRIDE, TopkConfig, choose_config, launch_select, workspace_numel
+from rocmoe.backends.triton.sparse_topk import HEAD_COUNTERS, HEAD_STRIDE, choose_config, launch_select, workspace_numel
 from rocmoe.bench.timing import time_graph
 from rocmoe.device import Device
 
@@ -39,6 +40,7 @@ def kernel_times(run, calls: int = 10) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--radix", type=int, nargs="*", default=None, help="RADIX_BITS to try (default: the chosen)")
+    parser.add_argument("--sample", type=int, nargs="*", default=None, help="SAMPLE sizes to try (default: the chosen)")
     args = parser.parse_args()
     device = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
@@ -54,19 +56,31 @@ def main() -> None:
             configs = {chosen}
             for split in (chosen.SPLIT // 2, chosen.SPLIT * 2):
                 if split > 1 and width // split >= chosen.BLOCK:
-                    configs.add(TopkConfig(chosen.BLOCK, chosen.num_warps, split, chosen.RADIX_BITS, chosen.RESIDENT))
+                    configs.add(dataclasses.replace(chosen, SPLIT=split))
+            for block in (chosen.BLOCK * 2, chosen.BLOCK * 4):
+                if chosen.SPLIT > 1 and width // chosen.SPLIT >= block:
+                    configs.add(dataclasses.replace(chosen, BLOCK=block))
+            if chosen.SPLIT > 1:
+                # The other way to the bounds, and the other way to the slots.
+                configs.add(dataclasses.replace(chosen, SAMPLE=0 if chosen.SAMPLE else 4096))
+                configs.add(dataclasses.replace(chosen, AGGREGATE=1 - chosen.AGGREGATE))
+            for sample in args.sample or ():
+                configs.add(dataclasses.replace(chosen, SAMPLE=sample))
             for radix in args.radix or ():
-                configs.add(TopkConfig(chosen.BLOCK, chosen.num_warps, chosen.SPLIT, radix, chosen.RESIDENT))
+                configs.add(dataclasses.replace(chosen, RADIX_BITS=radix))
             for config in sorted(configs, key=repr):
-                workspace = torch.empty(workspace_numel(tokens, width, TOPK), dtype=torch.int32, device=device)
+                workspace = torch.empty(workspace_numel(tokens, width, TOPK, sample=config.SAMPLE), dtype=torch.int32,
+                                        device=device)
                 calls = [lambda x=x, c=config, w=workspace, n=lens, o=out: launch_select(x, n, TOPK, o, c, workspace=w)
                          for x in logits]
                 total = time_graph(calls, device)
                 parts = kernel_times(calls[0])
-                candidates = workspace[:tokens * HEAD_STRIDE].view(tokens, HEAD_STRIDE)[:, 257].float()
+                head = workspace[:tokens * HEAD_STRIDE].view(tokens, HEAD_STRIDE)
+                winners, candidates = head[:, HEAD_COUNTERS].float(), head[:, HEAD_COUNTERS + 1].float()
                 print(f"T={tokens} L={width} {config}{' (chosen)' if config == chosen else ''}: "
                       f"{total * 1e6:.1f} µs, bare torch.topk {bare * 1e6:.1f} µs ({bare / total:.2f}x), "
-                      f"candidates/row mean {candidates.mean():.0f} max {candidates.max():.0f} | "
+                      f"winners/row mean {winners.mean():.0f}, candidates/row mean {candidates.mean():.0f} "
+                      f"max {candidates.max():.0f} | "
                       + " ".join(f"{name.removeprefix('sparse_topk_')}={t:.1f}" for name, t in parts.items()),
                       flush=True)
 

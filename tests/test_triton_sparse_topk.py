@@ -8,17 +8,20 @@ from __future__ import annotations
 import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
 import triton
 import triton.language as tl
 from conftest import is_poisoned, poison
 
-from rocmoe.backends.triton._sparse_topk_kernel import _coarse_digit
+from rocmoe.backends.triton._sparse_topk_kernel import _coarse_digit, _keys
 from rocmoe.backends.triton.sparse_topk import (
+    HEAD_COUNTERS,
+    HEAD_STRIDE,
     MAX_SPLIT_PROGRAMS_PER_UNIT,
+    SPEC,
     TopkConfig,
+    candidate_capacity,
     choose_config,
     launch_select,
     launch_window,
@@ -32,6 +35,10 @@ CONFIGS = [
     TopkConfig(64, 2, 3, 11, RESIDENT=32),   # chunks that do not divide the row evenly; candidates streamed
     TopkConfig(128, 4, 8, 8, RESIDENT=1024),  # candidates in registers
     TopkConfig(64, 4, 4, 5, RESIDENT=128),    # digits that do not divide 32; both candidate paths
+    TopkConfig(64, 4, 4, 6, RESIDENT=256, SAMPLE=64),  # windows longer than the sample: bounds estimated
+    TopkConfig(64, 4, 4, 6, RESIDENT=256, SAMPLE=64, AGGREGATE=0),  # a slot per moving score
+    TopkConfig(64, 4, 4, 8, RESIDENT=1024, SAMPLE=0),  # bounds from a coarse histogram of the whole row
+    TopkConfig(64, 2, 3, 11, RESIDENT=32, SAMPLE=0, AGGREGATE=0),
 ]
 
 
@@ -121,6 +128,15 @@ def test_strided_rows_and_block_table(kernel_device, gen, config):
         assert sorted(slots[t].tolist()) == sorted(want)
 
 
+def test_split_path_rejects_a_short_workspace(gen):
+    config = TopkConfig(64, 4, 4, 11)
+    logits = torch.randn(2, 500, generator=gen)
+    lens = torch.full((2,), 500, dtype=torch.int32)
+    short = torch.zeros(workspace_numel(2, 500, 30) - 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="workspace"):
+        launch_select(logits, lens, 30, torch.empty(2, 30, dtype=torch.int32), config, workspace=short)
+
+
 def test_split_path_zeroes_a_dirty_workspace(kernel_device, gen):
     config = TopkConfig(64, 4, 4, 11)
     tokens, width, topk = 3, 500, 30
@@ -133,14 +149,63 @@ def test_split_path_zeroes_a_dirty_workspace(kernel_device, gen):
         _check_row(logits[t].tolist(), width, topk, out[t].tolist())
 
 
+def _counters(workspace: torch.Tensor, tokens: int) -> tuple[list[int], list[int]]:
+    """(winners, candidates) per row from the split path's workspace head."""
+    head = workspace[:tokens * HEAD_STRIDE].view(tokens, HEAD_STRIDE).cpu()
+    return head[:, HEAD_COUNTERS].tolist(), head[:, HEAD_COUNTERS + 1].tolist()
+
+
+def _dirty_workspace(gen, tokens, width, topk, capacity=None, sample=4096):
+    numel = workspace_numel(tokens, width, topk, capacity, sample)
+    return torch.randint(1, 100, (numel,), generator=gen, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("sample", [1024, 2048])
+def test_sampled_bounds_hold_on_random_rows(kernel_device, gen, sample):
+    """For scores in random order the sample's two keys bracket the topk-th
+    score: the winners fit, winners and candidates cover topk, and the list
+    (not the whole-row fallback) is what the last step used."""
+    config = TopkConfig(256, 4, 4, 6, RESIDENT=1024, SAMPLE=sample)
+    tokens, width, topk = 3, 4096, 100
+    logits = torch.randn(tokens, width, generator=gen) * torch.tensor([[1.0], [1e-3], [50.0]])
+    lens = torch.tensor([width, width - 1000, 3000], dtype=torch.int32)
+    workspace = _dirty_workspace(gen, tokens, width, topk, sample=sample).to(kernel_device)
+    out = _run(logits.to(kernel_device), lens.to(kernel_device), topk, config, workspace=workspace)
+    winners, candidates = _counters(workspace, tokens)
+    for t in range(tokens):
+        _check_row(logits[t].tolist(), int(lens[t]), topk, out[t].tolist())
+        assert 0 < winners[t] < topk <= winners[t] + candidates[t], (winners, candidates)
+        assert candidates[t] <= candidate_capacity(width, topk, sample), (winners, candidates)
+
+
+@pytest.mark.parametrize("resident", [32, 1024], ids=["streamed", "resident"])
+def test_rows_the_sample_misjudges_fall_back_to_the_whole_row(kernel_device, gen, resident):
+    """Scores arranged against the sample's positions (every sampled group
+    lies in the first half of a 64-score period): raised there, the sample
+    puts the bounds too high (too few winners and candidates); lowered there,
+    too low (more winners than topk). Both rows are selected whole."""
+    config = TopkConfig(64, 4, 4, 6, RESIDENT=resident, SAMPLE=128)
+    width, topk = 2048, 1000
+    in_sampled_half = (torch.arange(width) % 64 < 32).float()
+    noise = torch.randn(2, width, generator=gen)
+    logits = torch.stack([noise[0] + 100 * in_sampled_half, noise[1] - 100 * in_sampled_half])
+    lens = torch.full((2,), width, dtype=torch.int32)
+    workspace = _dirty_workspace(gen, 2, width, topk, sample=128).to(kernel_device)
+    out = _run(logits.to(kernel_device), lens.to(kernel_device), topk, config, workspace=workspace)
+    winners, candidates = _counters(workspace, 2)
+    assert winners[0] + candidates[0] < topk and winners[1] > topk, (winners, candidates)
+    for t in range(2):
+        _check_row(logits[t].tolist(), width, topk, out[t].tolist())
+
+
 @pytest.mark.parametrize("resident", [32, 4096], ids=["streamed", "resident"])
 @pytest.mark.parametrize("capacity", [1, 60, 400])
-def test_split_path_rows_whose_threshold_bin_overflows_the_candidates(kernel_device, gen, capacity, resident):
-    """A narrow spread puts most of a row in the threshold's coarse bin: past
+def test_split_path_rows_whose_candidates_overflow_the_list(kernel_device, gen, capacity, resident):
+    """Many ties at the topk-th score put most of a row in [lo, hi]: past
     ``capacity`` candidates the row is selected whole, below it from the list."""
-    config = TopkConfig(64, 4, 4, 8, RESIDENT=resident)
+    config = TopkConfig(64, 4, 4, 8, RESIDENT=resident, SAMPLE=64)
     tokens, width, topk = 4, 400, 50
-    narrow = 10.0 + 0.01 * torch.rand(width, generator=gen)   # one coarse bin
+    narrow = 10.0 + 0.01 * torch.rand(width, generator=gen)
     wide = torch.randn(width, generator=gen)
     ties = torch.randint(0, 2, (width,), generator=gen).float()
     logits = torch.stack([narrow, wide, ties, narrow.flip(0)])
@@ -150,51 +215,43 @@ def test_split_path_rows_whose_threshold_bin_overflows_the_candidates(kernel_dev
         _check_row(logits[t].tolist(), int(lens[t]), topk, out[t].tolist())
 
 
-def _coarse_bin_sizes(row: torch.Tensor, topk: int) -> tuple[int, int]:
-    """(scores above, scores inside) the coarse bin holding the topk-th score,
-    from numpy's fp16 rounding (independent of the kernel)."""
-    half = row.numpy().astype(np.float16).astype(np.float64)
-    half[half == 0] = 0.0
-    order = sorted(set(half.tolist()), reverse=True)
-    digit = {v: int(np.array([v], dtype=np.float16).view(np.uint16)[0]) for v in order}
-    digit = {v: ((~d & 0xFFFF) if d >> 15 else (d | 0x8000)) >> 8 for v, d in digit.items()}
-    digits = np.array([digit[v] for v in half.tolist()])
-    kth = np.sort(digits)[::-1][topk - 1]
-    return int((digits > kth).sum()), int((digits == kth).sum())
-
-
 @pytest.mark.parametrize("resident", [32, 4096], ids=["streamed", "resident"])
 @pytest.mark.parametrize("margin", [-1, 0])
 def test_split_path_candidate_capacity_boundary(kernel_device, gen, margin, resident):
-    """Exactly ``capacity`` candidates use the list, one more selects the row whole."""
-    config = TopkConfig(64, 4, 4, 8, RESIDENT=resident)
-    width, topk = 600, 70
-    logits = torch.randn(1, width, generator=gen) * 0.3 + 1.0
-    _, inside = _coarse_bin_sizes(logits[0], topk)
-    assert inside > topk // 2  # the case is only sharp when the bin holds many scores
-    capacity = inside + margin
+    """A window no longer than the sample is ranked exactly, so its candidates
+    are the scores equal to the topk-th: exactly ``capacity`` of them use the
+    list, one more selects the row whole."""
+    config = TopkConfig(64, 4, 4, 8, RESIDENT=resident, SAMPLE=1024)
+    width, topk, tied = 600, 70, 45
+    logits = torch.rand(1, width, generator=gen) * 2 - 1  # all far below the ties
+    order = torch.randperm(width, generator=gen)
+    logits[0, order[: topk - 20]] = 5.0 + torch.rand(topk - 20, generator=gen)  # 50 clear winners
+    logits[0, order[topk - 20: topk - 20 + tied]] = 4.0  # the topk-th score, shared by 45
+    capacity = tied + margin
     lens = torch.tensor([width], dtype=torch.int32)
-    workspace = torch.randint(0, width, (workspace_numel(1, width, topk, capacity),), generator=gen,
-                              dtype=torch.int32)
+    workspace = _dirty_workspace(gen, 1, width, topk, capacity).to(kernel_device)
     out = _run(logits.to(kernel_device), lens.to(kernel_device), topk, config, capacity=capacity,
-               workspace=workspace.to(kernel_device))
+               workspace=workspace)
+    assert _counters(workspace, 1) == ([topk - 20], [tied])
     _check_row(logits[0].tolist(), width, topk, out[0].tolist())
 
 
-def test_coarse_bins_order_like_the_scores(kernel_device):
-    """The split path sends every score of a higher coarse bin to the output
-    unexamined: that is only right if the bins never invert the float order,
-    including at fp16's overflow, underflow and signed-zero edges."""
+def test_edge_values_order_like_the_scores(kernel_device):
+    """The split path sends every score whose key is above the sampled bound
+    to the output unexamined: that is only right if the keys never invert the
+    float order, including at the overflow, underflow and signed-zero edges."""
     edges = [float("-inf"), -3e38, -65520.0, -65504.0, -1.0, -6e-8, -1e-30, -0.0, 0.0, 1e-30, 6e-8, 2.0 ** -14,
              1.0, 1.0 + 2.0 ** -12, 1.25, 65504.0, 65519.0, 65520.0, 3e38, float("inf"), float("nan")]
     values = torch.tensor(edges + torch.linspace(-5, 5, 203).tolist(), dtype=torch.float32)
     width = values.numel()
     logits = values[torch.randperm(width)][None, :].repeat(2, 1)
     for topk in (1, 17, width // 2, width - 1):
-        out = _run(logits.to(kernel_device), torch.tensor([width, width - 9], dtype=torch.int32,
-                                                        device=kernel_device), topk, TopkConfig(64, 4, 2, 8))
-        _check_row(logits[0].tolist(), width, topk, out[0].tolist())
-        _check_row(logits[1].tolist(), width - 9, topk, out[1].tolist())
+        for sample in (32, 256):  # estimated bounds, then exact ones
+            out = _run(logits.to(kernel_device), torch.tensor([width, width - 9], dtype=torch.int32,
+                                                            device=kernel_device), topk,
+                       TopkConfig(64, 4, 2, 8, SAMPLE=sample))
+            _check_row(logits[0].tolist(), width, topk, out[0].tolist())
+            _check_row(logits[1].tolist(), width - 9, topk, out[1].tolist())
 
 
 def test_window_fill_in_slots_past_one_block(kernel_device, gen):
@@ -204,6 +261,30 @@ def test_window_fill_in_slots_past_one_block(kernel_device, gen):
     launch_window(lens.to(kernel_device), 3000, topk, out)
     for t, n in enumerate([0, 1, 2499, 2500, 2500]):
         assert out[t].tolist() == list(range(n)) + [-1] * (topk - n)
+
+
+@triton.jit
+def _keys_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    keys = _keys(tl.load(x_ptr + offs, mask=offs < n, other=0.0))
+    tl.store(out_ptr + offs, keys.to(tl.int32, bitcast=True), mask=offs < n)
+
+
+def test_keys_order_like_the_scores(kernel_device, gen):
+    edges = [float("-inf"), -3e38, -65520.0, -1.0, -1e-40, -0.0, 0.0, 1e-40, 6e-8, 1.0, 1.0 + 2.0 ** -23, 3e38,
+             float("inf")]
+    values = sorted({v for v in edges + (torch.randn(200, generator=gen) * 100).tolist() if v != 0})
+    zero = next(i for i, v in enumerate(values) if v > 0)
+    values[zero:zero] = [-0.0, 0.0]
+    values.append(float("nan"))
+    x = torch.tensor(values, dtype=torch.float32, device=kernel_device)
+    keys = torch.zeros(len(values), dtype=torch.int32, device=kernel_device)
+    _keys_kernel[(1,)](x, keys, len(values), BLOCK=256)
+    keys = [k & 0xFFFFFFFF for k in keys.cpu().tolist()]
+    assert keys[zero] == keys[zero + 1]  # -0.0 and +0.0 tie
+    del keys[zero]
+    assert all(a < b for a, b in itertools.pairwise(keys)), keys  # strictly: distinct floats, distinct keys
+    assert keys[-1] == 0xFFFFFFFF
 
 
 @triton.jit
@@ -223,6 +304,27 @@ def test_coarse_digit_is_monotone(kernel_device, gen):
     assert all(0 <= d < 256 for d in digits)
     assert all(a <= b for a, b in itertools.pairwise(digits)), digits
     assert digits[-1] == 255 and digits[values.index(0.0)] == digits[values.index(-0.0)]
+
+
+
+def test_config_rejects_what_the_kernels_cannot_run():
+    for bad in (dict(SAMPLE=48), dict(SAMPLE=16), dict(RESIDENT=65536), dict(AGGREGATE=2), dict(BLOCK=1000)):
+        fields = dict(BLOCK=1024, num_warps=8, SPLIT=4) | bad
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TopkConfig(**fields)
+    TopkConfig(1024, 8, 4, SAMPLE=0)  # 0: the coarse histogram
+
+
+@pytest.mark.parametrize("arch", ["sm90", "gfx942"])
+def test_heuristic_picks_the_bounds_by_the_scores_in_all(arch):
+    """Few scores in all: the coarse histogram spread over each row's
+    programs; many: the sample (one program per row) and no second full read."""
+    device = Device.from_arch(arch)
+    choose = SPEC.heuristic(device)
+    few = choose({"tokens": 1, "seq_len": 131072, "compute_units": device.limits.compute_units})
+    many = choose({"tokens": 64, "seq_len": 131072, "compute_units": device.limits.compute_units})
+    assert few.SPLIT > 1 and few.SAMPLE == 0
+    assert many.SPLIT > 1 and many.SAMPLE > 0 and not many.AGGREGATE
 
 
 @pytest.mark.parametrize("arch", ["sm90", "gfx942"])

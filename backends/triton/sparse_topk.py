@@ -3,10 +3,10 @@
 - Short-circuit (the caller's ``max_seq_len <= topk``, no logits, or
   ``L <= topk``): one launch of the window fill; the scores are never read.
 - General path: a radix select per row (see the kernel module). SPLIT = 1
-  runs one program per row with every pass in one launch; SPLIT > 1 cuts each
-  row into SPLIT chunks for a coarse histogram and a partition launch (each
-  reads the row once), then one program per row selects among the few
-  candidates left: a memset and three launches. Rows whose window fits in
+  runs one program per row with every pass in one launch; SPLIT > 1 ranks a
+  sample of each row for two bounds of its topk-th score, cuts each row into
+  SPLIT chunks for a filter launch (the one full read of the row), then one
+  program per row selects among the few candidates left: three launches. Rows whose window fits in
   topk are filled in either path, so no host-side decision (and no sync) is
   needed: the op is CUDA-graph capturable.
 """
@@ -21,11 +21,13 @@ import triton
 
 from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2
 from rocmoe.backends.triton._sparse_topk_kernel import (
+    HEAD_COUNTERS as _HEAD_COUNTERS,
     HEAD_STRIDE as _HEAD_STRIDE,
     sparse_topk_candidates_kernel,
     sparse_topk_coarse_hist_kernel,
-    sparse_topk_partition_kernel,
+    sparse_topk_filter_kernel,
     sparse_topk_row_kernel,
+    sparse_topk_sample_kernel,
     sparse_topk_window_kernel,
 )
 from rocmoe.configs import ConfigSpec, register_spec
@@ -35,9 +37,11 @@ __all__ = ["TopkConfig", "SPEC", "TUNING", "launch_window", "launch_select", "bu
 
 WINDOW_BLOCK = 1024
 HEAD_STRIDE = int(_HEAD_STRIDE.value)
-#: Register ceiling of the candidates kernel on NVIDIA. Left alone, ptxas
-#: aims at 64 registers and spills the largest resident block; with room for
-#: 78 it spills nothing (build-check).
+#: Where in a head row the int64 winner/candidate counter starts (int32 units).
+HEAD_COUNTERS = int(_HEAD_COUNTERS.value)
+#: Register ceiling of the sample and candidates kernels on NVIDIA. Left
+#: alone, ptxas aims at 64-80 registers and spills the largest resident block
+#: or sample; with room for 128 neither spills (build-check).
 SELECT_MAX_REGISTERS = 128
 
 
@@ -47,7 +51,7 @@ MAX_SPLIT_PROGRAMS_PER_UNIT = 32
 
 
 def _select_options(device: Device) -> dict[str, int]:
-    """Launch options of the candidates kernel beyond num_warps, per vendor
+    """Launch options of the sample and candidates kernels beyond num_warps, per vendor
     (the AMD compiler rejects ``maxnreg``)."""
     return {"maxnreg": SELECT_MAX_REGISTERS} if device.vendor == "nvidia" else {}
 
@@ -55,21 +59,53 @@ def _select_options(device: Device) -> dict[str, int]:
 @dataclass(frozen=True)
 class TopkConfig:
     """BLOCK scores per step, SPLIT programs per row (1 = one fused launch),
-    RADIX_BITS per pass (8: 4 passes of 256 bins; 11: 3 passes of 2048),
+    RADIX_BITS per pass of a radix select over a whole row or over a
+    candidate list too long for registers (8: 4 passes of 256 bins; 11: 3
+    passes of 2048),
     RESIDENT: candidates the split path's last step keeps in registers
-    (a power of two; more are streamed BLOCK at a time)."""
+    (a power of two; more are streamed BLOCK at a time). How the split path
+    finds its bounds, SAMPLE: the scores of a row it ranks (a power of two,
+    at least 32), or 0 for a coarse histogram of the whole row (a memset and
+    a launch more, but spread over SPLIT programs per row). AGGREGATE: the
+    filter reserves a block's slots with one atomic after a scan (1), or with
+    one atomic per moving score (0)."""
 
     BLOCK: int
     num_warps: int
     SPLIT: int = 1
     RADIX_BITS: int = 11
     RESIDENT: int = 4096
+    SAMPLE: int = 4096
+    AGGREGATE: int = 1
+
+    def __post_init__(self):
+        for name in ("BLOCK", "RESIDENT"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"TopkConfig.{name} must be a power of two, got {value}")
+        if self.AGGREGATE not in (0, 1):
+            raise ValueError(f"TopkConfig.AGGREGATE must be 0 or 1, got {self.AGGREGATE}")
+        if self.RESIDENT > 32768:
+            raise ValueError(f"TopkConfig.RESIDENT counts fit 16 bits: at most 32768, got {self.RESIDENT}")
+        if self.SAMPLE and (self.SAMPLE < 32 or self.SAMPLE & (self.SAMPLE - 1)):
+            raise ValueError(f"TopkConfig.SAMPLE must be 0 or a power of two >= 32, got {self.SAMPLE}")
 
 
 def resident_candidates(num_warps: int, warp_size: int = 32) -> int:
     """Candidates the last step holds in registers: 16 per lane of a 32-wide
     warp, 4 per lane of a 64-wide one (more spills, build-check says)."""
     return (16 if warp_size == 32 else 4) * warp_size * num_warps
+
+
+#: Sampled scores per lane of the sample kernel (it runs as many warps as
+#: that needs): it is one program per row, so its latency is the op's.
+SAMPLE_PER_LANE = 8
+
+
+def sample_warps(sample: int, warp_size: int) -> int:
+    """Warps of the sample kernel for a SAMPLE of ``sample`` scores (at most
+    16: with the register ceiling, 512 lanes of 128 fill an NVIDIA SM)."""
+    return max(1, min(16, sample // (SAMPLE_PER_LANE * warp_size)))
 
 
 def _heuristic(warps: int, warp_size: int):
@@ -80,10 +116,16 @@ def _heuristic(warps: int, warp_size: int):
         # the split path's passes are bound by latency, not bandwidth, below that.
         split = max(1, min(MAX_SPLIT_PROGRAMS_PER_UNIT // 2 * units // max(tokens, 1), seq_len // block))
         split = 1 << (split.bit_length() - 1)
-        # Over whole rows 8-bit digits (256 bins) beat 11-bit ones; over the
-        # split path's candidates 6-bit ones win (the sm90 tune, every shape).
+        # Over whole rows 8-bit digits (256 bins) beat 11-bit ones; over a
+        # streamed candidate list 6-bit ones won (an earlier sm90 tune).
         radix = 6 if split > 1 else 8
-        return TopkConfig(block, warps, split, radix, resident_candidates(warps, warp_size))
+        # Few scores in all: the coarse histogram, spread over the row's
+        # programs, costs less than one program ranking a sample; many: the
+        # sample saves a full read of every row (sm90 measurements).
+        scores = tokens * seq_len
+        sample = 4096 if scores >= 1 << 21 else 0
+        return TopkConfig(block, warps, split, radix, resident_candidates(warps, warp_size), sample,
+                          AGGREGATE=int(scores < 1 << 22))
 
     return choose
 
@@ -120,19 +162,26 @@ def launch_window(seq_lens: torch.Tensor, width: int, topk: int, out: torch.Tens
                                         bs, PAGED=paged, BLOCK=block, num_warps=4)
 
 
-def candidate_capacity(width: int, topk: int) -> int:
-    """Candidates per row the split path keeps (the scores in the threshold
-    bin): 4 * topk (a few percent of a long row of normally distributed
-    scores fall there), or the whole row when it is shorter. A row whose bin
-    overflows it is selected whole by one program."""
-    return min(width, 4 * topk)
+def candidate_capacity(width: int, topk: int, sample: int = 4096) -> int:
+    """Candidates per row the split path keeps, or the whole row when it is
+    shorter. Between two sampled keys (``sample`` > 0), for scores in random
+    order, a row of L scores expects about (z^2 + 2 z sqrt(mu)) / f of them,
+    with f = sample / L, mu = f topk and z = 5 (the kernel's margin):
+    4 topk + 64 L / sample is at least 2.5 times that for every topk and L.
+    In a coarse bin (``sample`` = 0) of normally distributed scores a few
+    percent of a long row fall: 4 topk. A row that overflows it is selected
+    whole by one program."""
+    extra = 64 * triton.cdiv(width, sample) if sample else 0
+    return min(width, 4 * topk + extra)
 
 
-def workspace_numel(num_tokens: int, width: int, topk: int, capacity: int | None = None) -> int:
-    """int32 elements of the split path's workspace: a zeroed [T, HEAD_STRIDE]
-    head (coarse histograms and two counters), then [T, capacity] int64
-    candidates (score bits and position)."""
-    capacity = candidate_capacity(width, topk) if capacity is None else capacity
+def workspace_numel(num_tokens: int, width: int, topk: int, capacity: int | None = None,
+                    sample: int = 4096) -> int:
+    """int32 elements of the split path's workspace: a [T, HEAD_STRIDE] head
+    (the two bounds, two counters and the coarse histogram), then
+    [T, capacity] int64 candidates (score bits and position); ``sample`` is
+    the config's SAMPLE. Any contents: each call writes what it reads."""
+    capacity = candidate_capacity(width, topk, sample) if capacity is None else capacity
     return num_tokens * (HEAD_STRIDE + 2 * capacity)
 
 
@@ -141,10 +190,11 @@ def launch_select(logits: torch.Tensor, seq_lens: torch.Tensor, topk: int, out: 
                   workspace: torch.Tensor | None = None, capacity: int | None = None) -> None:
     """The general path with an explicit config (the tuner and build-check use
     this). ``workspace``: optional int32 scratch of at least
-    :func:`workspace_numel` elements (its head is zeroed here); ``capacity``
+    :func:`workspace_numel` elements, any contents; ``capacity``
     overrides :func:`candidate_capacity` (tests use it to overflow the list)."""
     num_tokens, width = logits.shape
     table, table_stride, max_blocks, bs, paged = _table_args(block_table, block_size, seq_lens)
+    device = Device.of(logits)
     with launch_device(logits):
         if config.SPLIT == 1:
             sparse_topk_row_kernel[(num_tokens,)](
@@ -152,26 +202,36 @@ def launch_select(logits: torch.Tensor, seq_lens: torch.Tensor, topk: int, out: 
                 max_blocks, bs, PAGED=paged, RADIX_BITS=config.RADIX_BITS, BLOCK=config.BLOCK,
                 num_warps=config.num_warps)
             return
-        capacity = candidate_capacity(width, topk) if capacity is None else capacity
+        capacity = candidate_capacity(width, topk, config.SAMPLE) if capacity is None else capacity
         numel = workspace_numel(num_tokens, width, topk, capacity)
         if workspace is None:
             workspace = torch.empty(numel, dtype=torch.int32, device=logits.device)
+        elif workspace.dtype != torch.int32 or workspace.numel() < numel or workspace.device != logits.device:
+            raise ValueError(f"workspace must be int32 on {logits.device} with at least {numel} elements "
+                             f"(workspace_numel), got {workspace.dtype} on {workspace.device} with "
+                             f"{workspace.numel()}")
         workspace = workspace.view(-1)[:numel]
         head = workspace[:num_tokens * HEAD_STRIDE]
         candidates = workspace[num_tokens * HEAD_STRIDE:].view(torch.int64)  # 8-byte aligned: HEAD_STRIDE is even
-        head.zero_()
         chunk = triton.cdiv(triton.cdiv(width, config.SPLIT), config.BLOCK) * config.BLOCK
         grid = (num_tokens, config.SPLIT)
-        sparse_topk_coarse_hist_kernel[grid](logits, seq_lens, head, width, topk, logits.stride(0), chunk,
-                                             BLOCK=config.BLOCK, num_warps=config.num_warps)
-        sparse_topk_partition_kernel[grid](
+        if config.SAMPLE:
+            sparse_topk_sample_kernel[(num_tokens,)](logits, seq_lens, head, width, topk, logits.stride(0),
+                                                     SAMPLE=config.SAMPLE,
+                                                     num_warps=sample_warps(config.SAMPLE, device.limits.warp_size),
+                                                     **_select_options(device))
+        else:
+            head.zero_()
+            sparse_topk_coarse_hist_kernel[grid](logits, seq_lens, head, width, topk, logits.stride(0), chunk,
+                                                 BLOCK=config.BLOCK, num_warps=config.num_warps)
+        sparse_topk_filter_kernel[grid](
             logits, seq_lens, head, candidates, out, table, width, topk, logits.stride(0), out.stride(0),
             table_stride, max_blocks, bs, chunk, capacity, PAGED=paged, BLOCK=config.BLOCK,
-            num_warps=config.num_warps)
+            AGGREGATE=bool(config.AGGREGATE), COARSE=not config.SAMPLE, num_warps=config.num_warps)
         sparse_topk_candidates_kernel[(num_tokens,)](
             logits, seq_lens, head, candidates, out, table, width, topk, logits.stride(0), out.stride(0),
             table_stride, max_blocks, bs, capacity, PAGED=paged, RADIX_BITS=config.RADIX_BITS, BLOCK=config.BLOCK,
-            RESIDENT=config.RESIDENT, num_warps=config.num_warps, **_select_options(Device.of(logits)))
+            RESIDENT=config.RESIDENT, num_warps=config.num_warps, **_select_options(device))
 
 
 def _regime(device: Device, num_tokens: int, width: int) -> dict[str, int]:
@@ -261,20 +321,31 @@ def build_variants(arch: str):
                                ("logits_stride", "i32"), ("out_stride", "i32"), *table_args),
                     constexprs=(("PAGED", paged), *common), options=options, label=f"{label} paged={paged}"))
             continue
-        builds.append(KernelBuild(
-            op="sparse_topk", kernel=_KERNELS + "sparse_topk_coarse_hist_kernel",
-            signature=(("logits_ptr", "*fp32"), ("lens_ptr", "*i32"), ("head_ptr", "*i32"), ("width", "i32"),
-                       ("topk", "i32"), ("logits_stride", "i32"), ("chunk", "i32")),
-            constexprs=(("BLOCK", cfg.BLOCK),), options=options, label=f"{label} coarse histogram"))
+        if cfg.SAMPLE:
+            builds.append(KernelBuild(
+                op="sparse_topk", kernel=_KERNELS + "sparse_topk_sample_kernel",
+                signature=(("logits_ptr", "*fp32"), ("lens_ptr", "*i32"), ("head_ptr", "*i32"), ("width", "i32"),
+                           ("topk", "i32"), ("logits_stride", "i32")),
+                constexprs=(("SAMPLE", cfg.SAMPLE),),
+                options=(("num_warps", sample_warps(cfg.SAMPLE, Device.from_arch(arch).limits.warp_size)),
+                         *_select_options(Device.from_arch(arch)).items()),
+                label=f"sample={cfg.SAMPLE}"))
+        else:
+            builds.append(KernelBuild(
+                op="sparse_topk", kernel=_KERNELS + "sparse_topk_coarse_hist_kernel",
+                signature=(("logits_ptr", "*fp32"), ("lens_ptr", "*i32"), ("head_ptr", "*i32"), ("width", "i32"),
+                           ("topk", "i32"), ("logits_stride", "i32"), ("chunk", "i32")),
+                constexprs=(("BLOCK", cfg.BLOCK),), options=options, label=f"{label} coarse histogram"))
         split_args = (("logits_ptr", "*fp32"), ("lens_ptr", "*i32"), ("head_ptr", "*i32"), ("cand_ptr", "*i64"),
                       ("out_ptr", "*i32"), ("table_ptr", "*i32"), ("width", "i32"), ("topk", "i32"),
                       ("logits_stride", "i32"), ("out_stride", "i32"), *table_args)
         for paged in (False, True):
             builds.append(KernelBuild(
-                op="sparse_topk", kernel=_KERNELS + "sparse_topk_partition_kernel",
+                op="sparse_topk", kernel=_KERNELS + "sparse_topk_filter_kernel",
                 signature=(*split_args, ("chunk", "i32"), ("capacity", "i32")),
-                constexprs=(("PAGED", paged), ("BLOCK", cfg.BLOCK)), options=options,
-                label=f"{label} partition paged={paged}"))
+                constexprs=(("PAGED", paged), ("BLOCK", cfg.BLOCK), ("AGGREGATE", bool(cfg.AGGREGATE)),
+                            ("COARSE", not cfg.SAMPLE)),
+                options=options, label=f"{label} sample={cfg.SAMPLE} aggregate={cfg.AGGREGATE} filter paged={paged}"))
             builds.append(KernelBuild(
                 op="sparse_topk", kernel=_KERNELS + "sparse_topk_candidates_kernel",
                 signature=(*split_args, ("capacity", "i32")),
@@ -285,24 +356,22 @@ def build_variants(arch: str):
 
 
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[TopkConfig]:
-    tokens, width = regime["tokens"], regime["seq_len"]
+    tokens, width, units = regime["tokens"], regime["seq_len"], regime["compute_units"]
+    block = 1024  # 2048- and 4096-wide steps measured slower on sm90 in every split kernel
     cands = []
-    for block in (1024, 2048):  # 4096-wide select steps spill on sm90 (build-check)
-        for warps in (4, 8):
-            for radix in (6, 8, 11):
-                for split in (1, 2, 4, 8, 16, 32, 64, 128):
-                    # 2048-bin histograms only pay off over whole rows, 64-bin
-                    # ones only over the split path's few candidates.
-                    if (split > 1 and radix == 11) or (split == 1 and radix == 6):
-                        continue
-                    if split > 1 and (width // split < block
-                                      or tokens * split > MAX_SPLIT_PROGRAMS_PER_UNIT * regime["compute_units"]):
-                        continue
-                    # One program per row holds the whole histogram: wider steps spill.
-                    if split == 1 and (block > 1024 or (radix == 11 and warps < 8)):
-                        continue
-                    resident = resident_candidates(warps, device.limits.warp_size)
-                    cands.append(TopkConfig(block, warps, split, radix, resident))
+    for warps in (4, 8):
+        resident = resident_candidates(warps, device.limits.warp_size)
+        # One program per row holds the whole histogram: 2048 bins need 8 warps.
+        for radix in (8, 11) if warps == 8 else (8,):
+            cands.append(TopkConfig(block, warps, 1, radix, resident))
+        for split in (2, 4, 8, 16, 32, 64, 128):
+            if width // split < block or tokens * split > MAX_SPLIT_PROGRAMS_PER_UNIT * units:
+                continue
+            # RADIX_BITS only matters to a candidate list too long to keep in
+            # registers there: 6-bit digits won every shape of an earlier tune.
+            for sample in (0, 2048, 4096):
+                for aggregate in (0, 1):
+                    cands.append(TopkConfig(block, warps, split, 6, resident, sample, aggregate))
     return cands
 
 

@@ -73,8 +73,10 @@ SAMPLE_MARGIN_SIGMAS = tl.constexpr(5.0)
 #: The sample's histograms: three levels of 6-bit digits, the top 18 bits of
 #: a key, so each rank's key is located to within a relative 2^-9.
 SAMPLE_LEVELS = tl.constexpr(3)
-#: Points per step of the resident select's counting search, 2^SEARCH_BITS:
-#: 2, 4 and 8 measured 14.6, 12.8 and 13.9 µs over 2090 candidates (sm90).
+#: Points per step of the resident select's counting search, 2^SEARCH_BITS
+#: (the counts' packing is written for 4):
+#: 2, 4 and 8 measured 14.6, 12.8 and 13.9 µs over 2090 candidates on sm90
+#: (a version that compared a [WAYS, SIZE] tile, before the counts were packed).
 SEARCH_BITS = tl.constexpr(2)
 SEARCH_WAYS = tl.constexpr(4)
 SAMPLE_DIGIT_BITS = tl.constexpr(6)
@@ -238,6 +240,11 @@ def _select_whole_row(row_ptr, out_row, n, topk, table_row, max_blocks, block_si
 
 
 @triton.jit
+def _add_pair(a_low, a_high, b_low, b_high):
+    return a_low + b_low, a_high + b_high
+
+
+@triton.jit
 def _counted_threshold(keys, valid, need):
     """(tau, need - #keys > tau) for keys held in registers: tau is the
     need-th largest of keys[valid] (1 <= need <= their count). A search over
@@ -247,6 +254,7 @@ def _counted_threshold(keys, valid, need):
     is lo itself) and keeps the part holding the need-th largest key. About
     21 / log2(SEARCH_WAYS) steps for a row's candidates, 32 / that at most."""
     WAYS: tl.constexpr = SEARCH_WAYS
+    tl.static_assert(WAYS == 4, "the counts' packing below is written for four points")
     lo = tl.min(tl.where(valid, keys, 0xFFFFFFFF), 0)
     hi = tl.max(tl.where(valid, keys, 0), 0)
     above_hi = tl.zeros([], dtype=tl.int32)  # keys > hi
@@ -257,15 +265,22 @@ def _counted_threshold(keys, valid, need):
         width = hi - lo
         part = (width >> SEARCH_BITS) * step + (((width & (WAYS - 1)) * step + WAYS - 1) >> SEARCH_BITS)
         points = lo + part
-        # All WAYS counts in one reduction, 16 bits each (SIZE < 2^16): a
-        # [WAYS, SIZE] compare takes stack on sm90, one sum per point waits
-        # on a barrier each.
-        packed = tl.zeros(keys.shape, dtype=tl.int64)
-        for way in tl.static_range(WAYS):
+        # The first point is lo, whose count is >= need: count the others,
+        # two per int32 (16 bits each, SIZE < 2^16), all in one reduction (a
+        # [WAYS, SIZE] compare takes stack on sm90 with Triton 3.9, one sum
+        # per point waits on a barrier each, int64 adds cost two).
+        low = tl.zeros(keys.shape, dtype=tl.int32)
+        high = tl.zeros(keys.shape, dtype=tl.int32)
+        for way in tl.static_range(1, WAYS):
             point = tl.sum(tl.where(step == way, points, 0), 0)
-            packed += (valid & (keys >= point)).to(tl.int64) << (16 * way)
-        total = tl.sum(packed, 0)
-        at_or_above = ((total >> (16 * step).to(tl.int64)) & 0xFFFF).to(tl.int32)
+            bit = (valid & (keys >= point)).to(tl.int32) << (16 * ((way - 1) % 2))
+            if way <= 2:
+                low += bit
+            else:
+                high += bit
+        low, high = tl.reduce((low, high), 0, _add_pair)
+        field = (tl.where(step <= 2, low, high) >> (16 * ((step.to(tl.int32) + 1) % 2))) & 0xFFFF
+        at_or_above = tl.where(step == 0, need, field)
         enough = at_or_above >= need
         lo = tl.maximum(lo, tl.max(tl.where(enough, points, 0), 0))
         # The first point with too few keys at or above it, if any, caps hi.
@@ -471,9 +486,10 @@ def sparse_topk_filter_kernel(logits_ptr, lens_ptr, head_ptr, cand_ptr, out_ptr,
     0.. of the row), its candidates to the list cand[row, :capacity] (int64
     entries); the slots are reserved with the row's int64 counter. Slots
     past topk or capacity are counted, not written. Winners have a key above
-    hi and candidates one in [lo, hi], or (COARSE) a coarse digit above and
-    equal to the bin holding the topk-th score (a row whose bin overflows the
-    list is skipped: the last step selects it whole). Rows that fit in topk
+    hi and candidates one in [lo, hi], or (COARSE) a coarse digit above
+    (winners) or equal to (candidates) the bin holding the topk-th score (a
+    row whose bin overflows the list is skipped: the last step selects it
+    whole). Rows that fit in topk
     get their window. Grid (T, SPLIT)."""
     row = tl.program_id(0)
     part = tl.program_id(1)

@@ -3,10 +3,12 @@
 - Short-circuit (the caller's ``max_seq_len <= topk``, no logits, or
   ``L <= topk``): one launch of the window fill; the scores are never read.
 - General path: a radix select per row (see the kernel module). SPLIT = 1
-  runs one program per row with every pass in one launch; SPLIT > 1 ranks a
-  sample of each row for two bounds of its topk-th score, cuts each row into
-  SPLIT chunks for a filter launch (the one full read of the row), then one
-  program per row selects among the few candidates left: three launches. Rows whose window fits in
+  runs one program per row with every pass in one launch; SPLIT > 1 first
+  bounds each row's topk-th score (from a ranked sample, one program per row,
+  or from a coarse histogram of the whole row over SPLIT programs after a
+  memset: the config's SAMPLE), cuts each row into SPLIT chunks for a filter
+  launch, then one program per row selects among the few candidates left:
+  three or four launches. Rows whose window fits in
   topk are filled in either path, so no host-side decision (and no sync) is
   needed: the op is CUDA-graph capturable.
 """

@@ -178,7 +178,11 @@ def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[RoutingC
             for rows_per_thread in (1, 2, 4):
                 block_t = shortest * rows_per_thread
                 if block_t <= max(shortest, tallest) and block_t * block_e <= 16384:
-                    cands.add(RoutingConfig(block_t, warps, lanes, 32))
+                    # fp32 logits: 64-bit keys skip the guard's extra key and the read-back of the
+                    # exact logits, for twice the key work. On sm90 they won no regime, not even
+                    # T = 1 (rocmoe tune, 2026-11-23); other archs measure them too.
+                    for key_bits in (32, 64) if regime["logit_bits"] == 32 else (32,):
+                        cands.add(RoutingConfig(block_t, warps, lanes, key_bits))
     return sorted(cands, key=repr)
 
 

@@ -137,13 +137,21 @@ def test_split_path_rejects_a_short_workspace(gen):
         launch_select(logits, lens, 30, torch.empty(2, 30, dtype=torch.int32), config, workspace=short)
 
 
-def test_split_path_zeroes_a_dirty_workspace(kernel_device, gen):
-    config = TopkConfig(64, 4, 4, 11)
+def _dirty_workspace(gen, tokens, width, topk, capacity=None, sample=4096, spare=0):
+    """Random int32 scratch of the size the split path needs (plus ``spare``)."""
+    numel = workspace_numel(tokens, width, topk, capacity, sample) + spare
+    return torch.randint(1, 100, (numel,), generator=gen, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("sample", [0, 4096], ids=["coarse", "sampled"])
+def test_split_path_clears_a_dirty_workspace(kernel_device, gen, sample):
+    """The coarse path zeroes the head, the sample kernel writes its counters:
+    either way nothing left in the workspace leaks into the result."""
+    config = TopkConfig(64, 4, 4, 11, SAMPLE=sample)
     tokens, width, topk = 3, 500, 30
     logits = torch.randn(tokens, width, generator=gen)
     lens = torch.full((tokens,), width, dtype=torch.int32)
-    numel = workspace_numel(tokens, width, topk) + 5
-    workspace = torch.randint(1, 100, (numel,), generator=gen, dtype=torch.int32)
+    workspace = _dirty_workspace(gen, tokens, width, topk, sample=sample, spare=5)
     out = _run(logits.to(kernel_device), lens.to(kernel_device), topk, config, workspace=workspace.to(kernel_device))
     for t in range(tokens):
         _check_row(logits[t].tolist(), width, topk, out[t].tolist())
@@ -153,11 +161,6 @@ def _counters(workspace: torch.Tensor, tokens: int) -> tuple[list[int], list[int
     """(winners, candidates) per row from the split path's workspace head."""
     head = workspace[:tokens * HEAD_STRIDE].view(tokens, HEAD_STRIDE).cpu()
     return head[:, HEAD_COUNTERS].tolist(), head[:, HEAD_COUNTERS + 1].tolist()
-
-
-def _dirty_workspace(gen, tokens, width, topk, capacity=None, sample=4096):
-    numel = workspace_numel(tokens, width, topk, capacity, sample)
-    return torch.randint(1, 100, (numel,), generator=gen, dtype=torch.int32)
 
 
 @pytest.mark.parametrize("sample", [1024, 2048])

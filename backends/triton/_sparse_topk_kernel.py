@@ -73,14 +73,14 @@ SAMPLE_MARGIN_SIGMAS = tl.constexpr(5.0)
 #: The sample's histograms: three levels of 6-bit digits, the top 18 bits of
 #: a key, so each rank's key is located to within a relative 2^-9.
 SAMPLE_LEVELS = tl.constexpr(3)
+SAMPLE_DIGIT_BITS = tl.constexpr(6)
+SAMPLE_BINS = tl.constexpr(64)
 #: Points per step of the resident select's counting search, 2^SEARCH_BITS
 #: (the counts' packing is written for 4):
 #: 2, 4 and 8 measured 14.6, 12.8 and 13.9 µs over 2090 candidates on sm90
 #: (a version that compared a [WAYS, SIZE] tile, before the counts were packed).
 SEARCH_BITS = tl.constexpr(2)
 SEARCH_WAYS = tl.constexpr(4)
-SAMPLE_DIGIT_BITS = tl.constexpr(6)
-SAMPLE_BINS = tl.constexpr(64)
 
 
 @triton.jit
@@ -294,8 +294,8 @@ def _counted_threshold(keys, valid, need):
 def _select_resident(row_ptr, cand_row, stop, listed, first_slot, topk, out_row, table_row, max_blocks,
                      block_size, PAGED: tl.constexpr, SIZE: tl.constexpr):
     """The top topk - first_slot of entries [0, stop) (stop <= SIZE, loaded
-    once and held in registers) into slots first_slot..topk: every radix pass
-    and the select without a reload."""
+    once and held in registers) into slots first_slot..topk: the counting
+    search and the select without a reload."""
     positions, keys, valid = _load_keys(row_ptr, cand_row, tl.arange(0, SIZE), stop, listed, True)
     tau, need = _counted_threshold(keys, valid, topk - first_slot)
     _write_winners(out_row, positions, keys, valid, tau, first_slot, topk - need, topk, table_row, max_blocks,
@@ -489,8 +489,7 @@ def sparse_topk_filter_kernel(logits_ptr, lens_ptr, head_ptr, cand_ptr, out_ptr,
     hi and candidates one in [lo, hi], or (COARSE) a coarse digit above
     (winners) or equal to (candidates) the bin holding the topk-th score (a
     row whose bin overflows the list is skipped: the last step selects it
-    whole). Rows that fit in topk
-    get their window. Grid (T, SPLIT)."""
+    whole). Rows that fit in topk get their window. Grid (T, SPLIT)."""
     row = tl.program_id(0)
     part = tl.program_id(1)
     n = _window_length(lens_ptr, row, width)
@@ -558,11 +557,11 @@ def sparse_topk_candidates_kernel(logits_ptr, lens_ptr, head_ptr, cand_ptr, out_
                                   logits_stride, out_stride, table_stride, max_blocks, block_size, capacity,
                                   PAGED: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr,
                                   RESIDENT: tl.constexpr):
-    """Step 3 of the split path: the radix select over the row's candidates
-    fills the slots the filter left; a row the sample misjudged, or whose
-    candidates overflowed the list, is selected whole here. Up to RESIDENT entries are
-    held in registers across the passes (in a block of RESIDENT / 16, / 4,
-    / 2 or RESIDENT); more are streamed BLOCK at a time.
+    """Step 3 of the split path: a select over the row's candidates fills the
+    slots the filter left; a row the sample misjudged, or whose candidates
+    overflowed the list, is selected whole here. Up to RESIDENT entries are
+    held in registers for the counting search (in a block of RESIDENT / 16,
+    / 4, / 2 or RESIDENT); more are radix-selected, streamed BLOCK at a time.
     Grid (T,)."""
     row = tl.program_id(0)
     n = _window_length(lens_ptr, row, width)
@@ -582,9 +581,9 @@ def sparse_topk_candidates_kernel(logits_ptr, lens_ptr, head_ptr, cand_ptr, out_
         stop = tl.where(listed, inside, n)
         first_slot = tl.where(listed, above, 0)
         cand_row = cand_ptr + row.to(tl.int64) * capacity
-        # The usual cases: every entry stays in registers for all passes, in
-        # the smallest block of a ladder that holds the list (a histogram
-        # costs per slot, used or not).
+        # The usual cases: every entry stays in registers for the whole
+        # search, in the smallest block of a ladder that holds the list (each
+        # step costs per slot, used or not).
         if stop <= RESIDENT // 16:
             _select_resident(row_ptr, cand_row, stop, listed, first_slot, topk, out_row,
                              table_row, max_blocks, block_size, PAGED, RESIDENT // 16)

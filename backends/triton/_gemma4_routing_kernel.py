@@ -38,6 +38,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from rocmoe.backends.triton._common import pdl_prologue
+
 
 @triton.jit
 def _signed_magnitude(raw, INPUT_BITS: tl.constexpr):
@@ -197,7 +199,9 @@ def gemma4_routing_kernel(
     VALUE_BITS: tl.constexpr,
     KEY_KIND: tl.constexpr,
     GUARD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     INPUT_DTYPE: tl.constexpr = logits_ptr.dtype.element_ty
     INPUT_BITS: tl.constexpr = INPUT_DTYPE.primitive_bitwidth
     RAW_DTYPE: tl.constexpr = tl.int16 if INPUT_BITS == 16 else tl.int32

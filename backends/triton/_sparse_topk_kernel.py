@@ -55,6 +55,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from rocmoe.backends.triton._common import pdl_prologue
+
 #: int32 elements per row of the split path's head: the keys hi and lo, then
 #: the winner and candidate counters as one int64 (winners in its low half),
 #: padded to 128 bytes so that no two rows' counters share a cache line;
@@ -310,8 +312,9 @@ def _window_length(lens_ptr, row, width):
 
 @triton.jit(do_not_specialize=["width", "max_blocks"])
 def sparse_topk_window_kernel(lens_ptr, out_ptr, table_ptr, width, topk, out_stride, table_stride, max_blocks,
-                              block_size, PAGED: tl.constexpr, BLOCK: tl.constexpr):
+                              block_size, PAGED: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """The short-circuit: out[t] = 0..n-1 then -1 (or cache slots). Grid (T, cdiv(topk, BLOCK))."""
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     n = _window_length(lens_ptr, row, width)
     out_row = out_ptr + row.to(tl.int64) * out_stride
@@ -324,8 +327,9 @@ def sparse_topk_window_kernel(lens_ptr, out_ptr, table_ptr, width, topk, out_str
 @triton.jit(do_not_specialize=["width", "max_blocks"])
 def sparse_topk_row_kernel(logits_ptr, lens_ptr, out_ptr, table_ptr, width, topk, logits_stride, out_stride,
                            table_stride, max_blocks, block_size, PAGED: tl.constexpr, RADIX_BITS: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One program per row, every radix pass over the row. Grid (T,)."""
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     n = _window_length(lens_ptr, row, width)
     out_row = out_ptr + row.to(tl.int64) * out_stride
@@ -339,9 +343,10 @@ def sparse_topk_row_kernel(logits_ptr, lens_ptr, out_ptr, table_ptr, width, topk
 
 @triton.jit(do_not_specialize=["width"])
 def sparse_topk_coarse_hist_kernel(logits_ptr, lens_ptr, head_ptr, width, topk, logits_stride, chunk,
-                                   BLOCK: tl.constexpr):
+                                   BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Step 1 of the split path: the coarse histogram of this program's chunk,
     added into the row's zeroed head histogram. Grid (T, SPLIT)."""
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     n = _window_length(lens_ptr, row, width)
     start = tl.program_id(1) * chunk
@@ -450,9 +455,11 @@ def _sample_bounds(keys, valid, r_hi, r_lo):
 
 
 @triton.jit(do_not_specialize=["width"])
-def sparse_topk_sample_kernel(logits_ptr, lens_ptr, head_ptr, width, topk, logits_stride, SAMPLE: tl.constexpr):
+def sparse_topk_sample_kernel(logits_ptr, lens_ptr, head_ptr, width, topk, logits_stride, SAMPLE: tl.constexpr,
+                              PDL: tl.constexpr):
     """Step 1 of the split path: the keys hi and lo of each row from a sample
     of its scores, into head[row, 0:2]; zeroes head[row, 2:4]. Grid (T,)."""
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     n = _window_length(lens_ptr, row, width)
     if n > topk:
@@ -481,7 +488,7 @@ def sparse_topk_sample_kernel(logits_ptr, lens_ptr, head_ptr, width, topk, logit
 def sparse_topk_filter_kernel(logits_ptr, lens_ptr, head_ptr, cand_ptr, out_ptr, table_ptr, width, topk,
                               logits_stride, out_stride, table_stride, max_blocks, block_size, chunk, capacity,
                               PAGED: tl.constexpr, BLOCK: tl.constexpr, AGGREGATE: tl.constexpr,
-                              COARSE: tl.constexpr):
+                              COARSE: tl.constexpr, PDL: tl.constexpr):
     """Step 2 of the split path: this chunk's winners to the output (slots
     0.. of the row), its candidates to the list cand[row, :capacity] (int64
     entries); the slots are reserved with the row's int64 counter. Slots
@@ -490,6 +497,7 @@ def sparse_topk_filter_kernel(logits_ptr, lens_ptr, head_ptr, cand_ptr, out_ptr,
     (winners) or equal to (candidates) the bin holding the topk-th score (a
     row whose bin overflows the list is skipped: the last step selects it
     whole). Rows that fit in topk get their window. Grid (T, SPLIT)."""
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     part = tl.program_id(1)
     n = _window_length(lens_ptr, row, width)
@@ -556,13 +564,14 @@ def sparse_topk_filter_kernel(logits_ptr, lens_ptr, head_ptr, cand_ptr, out_ptr,
 def sparse_topk_candidates_kernel(logits_ptr, lens_ptr, head_ptr, cand_ptr, out_ptr, table_ptr, width, topk,
                                   logits_stride, out_stride, table_stride, max_blocks, block_size, capacity,
                                   PAGED: tl.constexpr, RADIX_BITS: tl.constexpr, BLOCK: tl.constexpr,
-                                  RESIDENT: tl.constexpr):
+                                  RESIDENT: tl.constexpr, PDL: tl.constexpr):
     """Step 3 of the split path: a select over the row's candidates fills the
     slots the filter left; a row the sample misjudged, or whose candidates
     overflowed the list, is selected whole here. Up to RESIDENT entries are
     held in registers for the counting search (in a block of RESIDENT / 16,
     / 4, / 2 or RESIDENT); more are radix-selected, streamed BLOCK at a time.
     Grid (T,)."""
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     n = _window_length(lens_ptr, row, width)
     if n > topk:

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2
+from rocmoe.backends.triton._common import (
+    TritonOp,
+    launch_device,
+    next_power_of_2,
+    pdl_launch_options,
+    uses_pdl,
+    with_pdl,
+)
 from rocmoe.backends.triton._gemma4_routing_kernel import gemma4_routing_kernel
 from rocmoe.configs import ConfigSpec, register_spec
 from rocmoe.device import Device
@@ -76,13 +83,15 @@ def launch(gating_output: torch.Tensor, topk: int, per_expert_scale: torch.Tenso
     the compiler does not reduce correctly everywhere."""
     num_tokens, num_experts = gating_output.shape
     layout = kernel_layout(gating_output.dtype, config, topk, num_experts)
-    block_t = program_tokens(config, layout, Device.of(gating_output).limits.warp_size)
+    device = Device.of(gating_output)
+    block_t = program_tokens(config, layout, device.limits.warp_size)
     grid = (triton.cdiv(num_tokens, block_t),)
     with launch_device(gating_output):
         gemma4_routing_kernel[grid](
             gating_output, per_expert_scale, out_weights, out_ids,
             num_tokens, num_experts, gating_output.stride(0),
-            TOPK=topk, BLOCK_T=block_t, num_warps=config.num_warps, **layout,
+            TOPK=topk, BLOCK_T=block_t, PDL=uses_pdl(device), num_warps=config.num_warps, **layout,
+            **pdl_launch_options(device),
         )
 
 
@@ -164,7 +173,7 @@ def build_variants(arch: str):
                 label=(f"E={experts} K=8 {dtype} BLOCK_T={block_t} warps={cfg.num_warps} "
                        f"lanes={cfg.LANES} keys={keys['KEY_KIND']}"),
             ))
-    return builds
+    return with_pdl(builds, arch)
 
 
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[RoutingConfig]:

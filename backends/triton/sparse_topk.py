@@ -21,7 +21,14 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2
+from rocmoe.backends.triton._common import (
+    TritonOp,
+    launch_device,
+    next_power_of_2,
+    pdl_launch_options,
+    uses_pdl,
+    with_pdl,
+)
 from rocmoe.backends.triton._sparse_topk_kernel import (
     HEAD_COUNTERS as _HEAD_COUNTERS,
     HEAD_STRIDE as _HEAD_STRIDE,
@@ -159,9 +166,11 @@ def launch_window(seq_lens: torch.Tensor, width: int, topk: int, out: torch.Tens
     table, table_stride, max_blocks, bs, paged = _table_args(block_table, block_size, seq_lens)
     block = min(WINDOW_BLOCK, next_power_of_2(topk))
     grid = (seq_lens.shape[0], triton.cdiv(topk, block))
+    device = Device.of(seq_lens)
     with launch_device(seq_lens):
         sparse_topk_window_kernel[grid](seq_lens, out, table, width, topk, out.stride(0), table_stride, max_blocks,
-                                        bs, PAGED=paged, BLOCK=block, num_warps=4)
+                                        bs, PAGED=paged, BLOCK=block, PDL=uses_pdl(device), num_warps=4,
+                                        **pdl_launch_options(device))
 
 
 def candidate_capacity(width: int, topk: int, sample: int = 4096) -> int:
@@ -197,12 +206,13 @@ def launch_select(logits: torch.Tensor, seq_lens: torch.Tensor, topk: int, out: 
     num_tokens, width = logits.shape
     table, table_stride, max_blocks, bs, paged = _table_args(block_table, block_size, seq_lens)
     device = Device.of(logits)
+    pdl = {"PDL": uses_pdl(device), **pdl_launch_options(device)}
     with launch_device(logits):
         if config.SPLIT == 1:
             sparse_topk_row_kernel[(num_tokens,)](
                 logits, seq_lens, out, table, width, topk, logits.stride(0), out.stride(0), table_stride,
                 max_blocks, bs, PAGED=paged, RADIX_BITS=config.RADIX_BITS, BLOCK=config.BLOCK,
-                num_warps=config.num_warps)
+                num_warps=config.num_warps, **pdl)
             return
         capacity = candidate_capacity(width, topk, config.SAMPLE) if capacity is None else capacity
         numel = workspace_numel(num_tokens, width, topk, capacity)
@@ -221,19 +231,19 @@ def launch_select(logits: torch.Tensor, seq_lens: torch.Tensor, topk: int, out: 
             sparse_topk_sample_kernel[(num_tokens,)](logits, seq_lens, head, width, topk, logits.stride(0),
                                                      SAMPLE=config.SAMPLE,
                                                      num_warps=sample_warps(config.SAMPLE, device.limits.warp_size),
-                                                     **_select_options(device))
+                                                     **_select_options(device), **pdl)
         else:
             head.zero_()
             sparse_topk_coarse_hist_kernel[grid](logits, seq_lens, head, width, topk, logits.stride(0), chunk,
-                                                 BLOCK=config.BLOCK, num_warps=config.num_warps)
+                                                 BLOCK=config.BLOCK, num_warps=config.num_warps, **pdl)
         sparse_topk_filter_kernel[grid](
             logits, seq_lens, head, candidates, out, table, width, topk, logits.stride(0), out.stride(0),
             table_stride, max_blocks, bs, chunk, capacity, PAGED=paged, BLOCK=config.BLOCK,
-            AGGREGATE=bool(config.AGGREGATE), COARSE=not config.SAMPLE, num_warps=config.num_warps)
+            AGGREGATE=bool(config.AGGREGATE), COARSE=not config.SAMPLE, num_warps=config.num_warps, **pdl)
         sparse_topk_candidates_kernel[(num_tokens,)](
             logits, seq_lens, head, candidates, out, table, width, topk, logits.stride(0), out.stride(0),
             table_stride, max_blocks, bs, capacity, PAGED=paged, RADIX_BITS=config.RADIX_BITS, BLOCK=config.BLOCK,
-            RESIDENT=config.RESIDENT, num_warps=config.num_warps, **_select_options(device))
+            RESIDENT=config.RESIDENT, num_warps=config.num_warps, **_select_options(device), **pdl)
 
 
 def _regime(device: Device, num_tokens: int, width: int) -> dict[str, int]:
@@ -354,7 +364,7 @@ def build_variants(arch: str):
                 constexprs=(("PAGED", paged), *common, ("RESIDENT", cfg.RESIDENT)),
                 options=(*options, *_select_options(Device.from_arch(arch)).items()),
                 label=f"{label} resident={cfg.RESIDENT} candidates paged={paged}"))
-    return builds
+    return with_pdl(builds, arch)
 
 
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[TopkConfig]:

@@ -18,13 +18,13 @@ from rocmoe.device import Device
 def test_pdl_only_on_hopper_and_newer(arch, expected):
     device = Device.from_arch(arch)
     assert _common.uses_pdl(device) is expected
-    assert _common.pdl_launch_options(device) == ({"launch_pdl": True} if expected else {})
+    assert _common.pdl_kwargs(device) == ({"PDL": True, "launch_pdl": True} if expected else {"PDL": False})
 
 
 def test_rocmoe_pdl_0_turns_it_off(monkeypatch):
     monkeypatch.setattr(_common, "PDL_ALLOWED", False)
     assert not _common.uses_pdl(Device.from_arch("sm90"))
-    assert _common.pdl_launch_options(Device.from_arch("sm90")) == {}
+    assert _common.pdl_kwargs(Device.from_arch("sm90")) == {"PDL": False}
 
 
 #: the ops whose kernels use PDL where the device has it (the others measured no faster)

@@ -51,19 +51,20 @@ def uses_pdl(device: Device) -> bool:
     return device.arch[2:].isdigit() and int(device.arch[2:]) >= 90
 
 
-def pdl_launch_options(device: Device) -> dict[str, bool]:
-    """The launch keyword for ``device``: ``{"launch_pdl": True}`` under PDL, else none
-    (AMD's and Intel's Triton have no such option)."""
-    return {"launch_pdl": True} if uses_pdl(device) else {}
+def pdl_kwargs(device: Device) -> dict[str, bool]:
+    """What a launch of a kernel with :func:`pdl_prologue` on ``device`` passes:
+    its PDL constexpr, and under PDL the ``launch_pdl`` option (AMD's and
+    Intel's Triton have no such option)."""
+    return {"PDL": True, "launch_pdl": True} if uses_pdl(device) else {"PDL": False}
 
 
 def with_pdl(builds: list, arch: str) -> list:
     """Build-check jobs (``KernelBuild``) as ``arch`` launches them: with the
     kernel's PDL constexpr, and the launch option where PDL is on."""
-    device = Device.from_arch(arch)
-    options = tuple(pdl_launch_options(device).items())
-    return [dataclasses.replace(b, constexprs=(*b.constexprs, ("PDL", uses_pdl(device))),
-                                options=(*b.options, *options)) for b in builds]
+    kwargs = pdl_kwargs(Device.from_arch(arch))
+    pdl = kwargs.pop("PDL")
+    return [dataclasses.replace(b, constexprs=(*b.constexprs, ("PDL", pdl)), options=(*b.options, *kwargs.items()))
+            for b in builds]
 
 
 @triton.jit

@@ -8,14 +8,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from rocmoe.backends.triton._common import (
-    TritonOp,
-    launch_device,
-    next_power_of_2,
-    pdl_launch_options,
-    uses_pdl,
-    with_pdl,
-)
+from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2, pdl_kwargs, with_pdl
 from rocmoe.backends.triton._gemma4_routing_kernel import gemma4_routing_kernel
 from rocmoe.configs import ConfigSpec, register_spec
 from rocmoe.device import Device
@@ -90,8 +83,7 @@ def launch(gating_output: torch.Tensor, topk: int, per_expert_scale: torch.Tenso
         gemma4_routing_kernel[grid](
             gating_output, per_expert_scale, out_weights, out_ids,
             num_tokens, num_experts, gating_output.stride(0),
-            TOPK=topk, BLOCK_T=block_t, PDL=uses_pdl(device), num_warps=config.num_warps, **layout,
-            **pdl_launch_options(device),
+            TOPK=topk, BLOCK_T=block_t, num_warps=config.num_warps, **layout, **pdl_kwargs(device),
         )
 
 

@@ -21,14 +21,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from rocmoe.backends.triton._common import (
-    TritonOp,
-    launch_device,
-    next_power_of_2,
-    pdl_launch_options,
-    uses_pdl,
-    with_pdl,
-)
+from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2, pdl_kwargs, with_pdl
 from rocmoe.backends.triton._sparse_topk_kernel import (
     HEAD_COUNTERS as _HEAD_COUNTERS,
     HEAD_STRIDE as _HEAD_STRIDE,
@@ -169,8 +162,7 @@ def launch_window(seq_lens: torch.Tensor, width: int, topk: int, out: torch.Tens
     device = Device.of(seq_lens)
     with launch_device(seq_lens):
         sparse_topk_window_kernel[grid](seq_lens, out, table, width, topk, out.stride(0), table_stride, max_blocks,
-                                        bs, PAGED=paged, BLOCK=block, PDL=uses_pdl(device), num_warps=4,
-                                        **pdl_launch_options(device))
+                                        bs, PAGED=paged, BLOCK=block, num_warps=4, **pdl_kwargs(device))
 
 
 def candidate_capacity(width: int, topk: int, sample: int = 4096) -> int:
@@ -206,7 +198,7 @@ def launch_select(logits: torch.Tensor, seq_lens: torch.Tensor, topk: int, out: 
     num_tokens, width = logits.shape
     table, table_stride, max_blocks, bs, paged = _table_args(block_table, block_size, seq_lens)
     device = Device.of(logits)
-    pdl = {"PDL": uses_pdl(device), **pdl_launch_options(device)}
+    pdl = pdl_kwargs(device)
     with launch_device(logits):
         if config.SPLIT == 1:
             sparse_topk_row_kernel[(num_tokens,)](
@@ -311,6 +303,7 @@ def build_variants(arch: str):
     benchmark shapes (for ``rocmoe build-check``), paged and not."""
     from rocmoe.build_check import KernelBuild
 
+    device = Device.from_arch(arch)
     table_args = (("table_stride", "i32"), ("max_blocks", "i32"), ("block_size", "i32"))
     builds = []
     for paged in (False, True):
@@ -339,8 +332,8 @@ def build_variants(arch: str):
                 signature=(("logits_ptr", "*fp32"), ("lens_ptr", "*i32"), ("head_ptr", "*i32"), ("width", "i32"),
                            ("topk", "i32"), ("logits_stride", "i32")),
                 constexprs=(("SAMPLE", cfg.SAMPLE),),
-                options=(("num_warps", sample_warps(cfg.SAMPLE, Device.from_arch(arch).limits.warp_size)),
-                         *_select_options(Device.from_arch(arch)).items()),
+                options=(("num_warps", sample_warps(cfg.SAMPLE, device.limits.warp_size)),
+                         *_select_options(device).items()),
                 label=f"sample={cfg.SAMPLE}"))
         else:
             builds.append(KernelBuild(
@@ -362,7 +355,7 @@ def build_variants(arch: str):
                 op="sparse_topk", kernel=_KERNELS + "sparse_topk_candidates_kernel",
                 signature=(*split_args, ("capacity", "i32")),
                 constexprs=(("PAGED", paged), *common, ("RESIDENT", cfg.RESIDENT)),
-                options=(*options, *_select_options(Device.from_arch(arch)).items()),
+                options=(*options, *_select_options(device).items()),
                 label=f"{label} resident={cfg.RESIDENT} candidates paged={paged}"))
     return with_pdl(builds, arch)
 

@@ -16,6 +16,7 @@ from rocmoe.device import Device
 class ToyParams:
     BLOCK: int
     num_warps: int = 4
+    FAST: bool = False
 
 
 def _spec():
@@ -32,7 +33,7 @@ def _table(**over):
         "provenance": {"source": "measured", "device": "NVIDIA H100", "date": "2026-11-22"},
         "keys": ["tokens"],
         "entries": [
-            {"when": {"tokens": [1, 128]}, "config": {"BLOCK": 8, "num_warps": 1}},
+            {"when": {"tokens": [1, 128]}, "config": {"BLOCK": 8, "num_warps": 1, "FAST": True}},
             {"when": {"tokens": [129, None]}, "config": {"BLOCK": 64}},
         ],
     }
@@ -58,7 +59,7 @@ def test_table_lookup_and_heuristic_fallback(user_dir):
     spec = _spec()
     h100 = Device.from_arch("sm90")
     params, source = spec.choose(h100, tokens=5, heads=16)
-    assert params == ToyParams(8, 1) and source.startswith("table ") and "measured" in source
+    assert params == ToyParams(8, 1, True) and source.startswith("table ") and "measured" in source
     assert spec.choose(h100, tokens=100_000, heads=16)[0] == ToyParams(64, 4)
     # no table for sm100 (blackwell has no heuristic of its own -> default)
     assert spec.choose(Device.from_arch("sm100"), tokens=5, heads=1) == (ToyParams(32), "heuristic for blackwell")
@@ -91,6 +92,9 @@ def test_missing_regime_key_is_an_error(user_dir):
     (dict(entries=[{"when": {}, "config": {"BLOCK": 8, "waves": 2}}]), "entries[0].config.waves",
      "unknown parameter"),
     (dict(entries=[{"when": {}, "config": {"BLOCK": "8"}}]), "entries[0].config.BLOCK", "expected an int"),
+    (dict(entries=[{"when": {}, "config": {"BLOCK": True}}]), "entries[0].config.BLOCK", "expected an int"),
+    (dict(entries=[{"when": {}, "config": {"BLOCK": 8, "FAST": 1}}]), "entries[0].config.FAST",
+     "expected true or false"),
     (dict(entries=[{"when": {}, "config": {"num_warps": 8}}]), "entries[0].config", "missing parameter(s) ['BLOCK']"),
 ])
 def test_malformed_tables_name_file_and_key(user_dir, change, key, problem):

@@ -20,6 +20,8 @@ CONFIGS = [
     MlaConfig(32, 32, 4, 1, 4),   # more chunks than some queries have keys
     MlaConfig(16, 16, 2, 1, 8),
     MlaConfig(64, 32, 8, 2, 2),   # sm90's shape for 64+ heads: wgmma, pipelined gather; most heads masked here
+    MlaConfig(16, 16, 4, 2, 3, IDS_AHEAD=True),  # each tile's ids read a step ahead, across both key lists
+    MlaConfig(16, 16, 2, 3, 1, IDS_AHEAD=True),
 ]
 
 
@@ -111,17 +113,20 @@ def test_heuristic_fills_the_device_at_small_batch(arch):
 
 
 def test_sm90_heuristic_and_table_use_probed_shapes():
-    # _TUNE_SHAPES lists the (heads, keys, warps, stages) that compile without
-    # spills on sm90 with Triton 3.6 and 3.9; the heuristic and the measured
-    # table may only use those (build-check compiles them in CI).
+    # _TUNE_SHAPES lists the (heads, keys, warps, stages, ids ahead) that compile
+    # without spills on sm90 with Triton 3.6 and 3.9; the heuristic and the
+    # measured table may only use those (build-check compiles them in CI).
     from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES
 
     device = Device.from_arch("sm90")
     choose = SPEC.heuristic(device)
-    shapes = {(c.BLOCK_H, c.BLOCK_N, c.num_warps, c.num_stages) for c in
-              (choose({"tokens": t, "heads": h, "keys": 2048, "head_dim": 576, "compute_units": 132})
-               for t in (1, 8, 64, 512) for h in (16, 64, 128))}
-    shapes |= {(c.BLOCK_H, c.BLOCK_N, c.num_warps, c.num_stages) for _, c in SPEC.table("sm90").entries}
+
+    def shape(c):
+        return c.BLOCK_H, c.BLOCK_N, c.num_warps, c.num_stages, c.IDS_AHEAD
+
+    shapes = {shape(choose({"tokens": t, "heads": h, "keys": 2048, "head_dim": 576, "compute_units": 132}))
+              for t in (1, 8, 64, 512) for h in (16, 64, 128)}
+    shapes |= {shape(c) for _, c in SPEC.table("sm90").entries}
     assert shapes <= set(_TUNE_SHAPES), shapes - set(_TUNE_SHAPES)
     assert choose({"tokens": 64, "heads": 128, "keys": 2048, "head_dim": 576, "compute_units": 132}).BLOCK_H == 64
 

@@ -52,10 +52,33 @@ def _row_offsets(rows, D: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _tile_span(tile, main_tiles, start, stop, length, rows, idx_row, cache_ptr, xstart, xstop, xlength, xrows,
+               xidx_row, xcache_ptr, BLOCK_N: tl.constexpr, HAS_EXTRA: tl.constexpr):
+    """Key tile ``tile`` of the walk over both lists: its positions j [BLOCK_N], the end and
+    the valid length of its list, the cache rows, and the list and cache pointers (scalars)."""
+    if HAS_EXTRA:
+        in_main = tile < main_tiles
+        first = tl.where(in_main, start + tile * BLOCK_N, xstart + (tile - main_tiles) * BLOCK_N)
+        end = tl.where(in_main, stop, xstop)
+        limit = tl.where(in_main, length, xlength)
+        nrows = tl.where(in_main, rows, xrows)
+        ids = tl.where(in_main, idx_row, xidx_row)
+        src = tl.where(in_main, cache_ptr, xcache_ptr)
+    else:
+        first = start + tile * BLOCK_N
+        end = stop
+        limit = length
+        nrows = rows
+        ids = idx_row
+        src = cache_ptr
+    return first + tl.arange(0, BLOCK_N), end, limit, nrows, ids, src
+
+
+@triton.jit
 def _attend(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, q_tail, cache_ptr, idx_row, length, rows, start, stop,
             xcache_ptr, xidx_row, xlength, xrows, xstart, xstop, qk_scale, D: tl.constexpr, D_MAIN: tl.constexpr,
             D_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr,
-            WIDE: tl.constexpr):
+            WIDE: tl.constexpr, IDS_AHEAD: tl.constexpr):
     """Online softmax over the indexed keys idx_row[start:stop] and then (V4)
     the extra keys xidx_row[xstart:xstop]; returns (acc_lo, acc_hi, m, l).
     Only the first ``length`` / ``xlength`` of each list count and -1 /
@@ -69,25 +92,26 @@ def _attend(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, q_tail, cache_ptr, idx_row, le
     tiles = main_tiles
     if HAS_EXTRA:
         tiles += tl.cdiv(tl.maximum(xstop - xstart, 0), BLOCK_N)
+    if IDS_AHEAD:
+        j, end, _, _, ids, _ = _tile_span(0, main_tiles, start, stop, length, rows, idx_row, cache_ptr, xstart, xstop,
+                                          xlength, xrows, xidx_row, xcache_ptr, BLOCK_N, HAS_EXTRA)
+        idx_next = tl.load(ids + j, mask=j < end, other=-1)
     for tile in range(0, tiles):
-        if HAS_EXTRA:
-            in_main = tile < main_tiles
-            first = tl.where(in_main, start + tile * BLOCK_N, xstart + (tile - main_tiles) * BLOCK_N)
-            end = tl.where(in_main, stop, xstop)
-            limit = tl.where(in_main, length, xlength)
-            nrows = tl.where(in_main, rows, xrows)
-            ids = tl.where(in_main, idx_row, xidx_row)
-            src = tl.where(in_main, cache_ptr, xcache_ptr)
-        else:
-            first = start + tile * BLOCK_N
-            end = stop
-            limit = length
-            nrows = rows
-            ids = idx_row
-            src = cache_ptr
-        j = first + tl.arange(0, BLOCK_N)
+        j, end, limit, nrows, ids, src = _tile_span(tile, main_tiles, start, stop, length, rows, idx_row, cache_ptr,
+                                                    xstart, xstop, xlength, xrows, xidx_row, xcache_ptr, BLOCK_N,
+                                                    HAS_EXTRA)
         live = j < end
-        idx = tl.load(ids + j, mask=live, other=-1)
+        if IDS_AHEAD:
+            # The next tile's ids are read one step ahead, so each step's gather is not held up by
+            # a dependent read of its own ids first.
+            idx = idx_next
+            j_next, end_next, _, _, ids_next, _ = _tile_span(tile + 1, main_tiles, start, stop, length, rows, idx_row,
+                                                             cache_ptr, xstart, xstop, xlength, xrows, xidx_row,
+                                                             xcache_ptr, BLOCK_N, HAS_EXTRA)
+            # (Past the last tile the span is empty: j_next >= end_next.)
+            idx_next = tl.load(ids_next + j_next, mask=j_next < end_next, other=-1)
+        else:
+            idx = tl.load(ids + j, mask=live, other=-1)
         valid = live & (j < limit) & (idx >= 0) & (idx < nrows)
         row_ptr = src + _row_offsets(tl.where(valid, idx, 0), D, WIDE)
         k_lo = tl.load(row_ptr + cols[None, :], mask=valid[:, None], other=0.0)
@@ -128,7 +152,7 @@ def sparse_mla_decode_kernel(
     chunk, split,
     D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_XLEN: tl.constexpr, HAS_SINK: tl.constexpr,
-    PARTIAL: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr,
+    PARTIAL: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr, IDS_AHEAD: tl.constexpr = False,
 ):
     """Grid (T * split * cdiv(H, BLOCK_H),), the head block fastest: the
     programs that gather the same key rows (one token's key chunk, every head
@@ -165,7 +189,7 @@ def sparse_mla_decode_kernel(
                                        idx_ptr + t64 * idx_stride, length, rows, start, tl.minimum(stop, topk),
                                        xcache_ptr, xidx_ptr + t64 * xidx_stride, xlength, xrows,
                                        tl.maximum(start, topk) - topk, stop - topk, qk_scale, D, D_MAIN, D_TAIL,
-                                       BLOCK_N, HAS_EXTRA, IEEE, WIDE)
+                                       BLOCK_N, HAS_EXTRA, IEEE, WIDE, IDS_AHEAD)
 
     # The epilogue's head indices are re-derived from the loop's result (l >= 0,
     # so this adds 0): computed before the loop, the per-head output

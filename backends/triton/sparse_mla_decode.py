@@ -59,6 +59,8 @@ class MlaConfig:
     num_warps: int
     num_stages: int
     SPLIT: int
+    #: read each key tile's ids one step ahead of its gather
+    IDS_AHEAD: bool = False
 
 
 def split_dims(head_dim: int) -> tuple[int, int] | None:
@@ -179,6 +181,7 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
             D=head_dim, D_MAIN=main, D_TAIL=tail, BLOCK_H=config.BLOCK_H, BLOCK_N=config.BLOCK_N,
             HAS_LEN=topk_length is not None, HAS_EXTRA=has_extra, HAS_XLEN=extra_topk_length is not None,
             HAS_SINK=attn_sink is not None, PARTIAL=split > 1, IEEE=q.dtype == torch.float32,
+            IDS_AHEAD=config.IDS_AHEAD,
             WIDE=max(cache.numel(), extra_cache.numel() if has_extra else 0) >= 2**31,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
@@ -274,12 +277,13 @@ def build_variants(arch: str):
             constexprs=(("D", dim), ("D_MAIN", main), ("D_TAIL", tail), ("BLOCK_H", cfg.BLOCK_H),
                         ("BLOCK_N", cfg.BLOCK_N), ("HAS_LEN", has_extra), ("HAS_EXTRA", has_extra),
                         ("HAS_XLEN", has_extra), ("HAS_SINK", has_extra), ("PARTIAL", cfg.SPLIT > 1),
-                        ("IEEE", False), ("WIDE", wide)),
+                        ("IEEE", False), ("WIDE", wide), ("IDS_AHEAD", cfg.IDS_AHEAD)),
             options=(("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages)),
             aligned=("num_heads", "topk", "xtopk", "d_v", "q_stride_t", "q_stride_h", "idx_stride", "xidx_stride",
                      "out_stride_t", "out_stride_h", "lse_stride", "chunk"),
             label=(f"D={dim}{' +extra +sink' if has_extra else ''} BLOCK_H={cfg.BLOCK_H} BLOCK_N={cfg.BLOCK_N} "
-                   f"warps={cfg.num_warps} stages={cfg.num_stages} {'partial' if cfg.SPLIT > 1 else 'final'}"
+                   f"warps={cfg.num_warps} stages={cfg.num_stages}{' ids-ahead' if cfg.IDS_AHEAD else ''} "
+                   f"{'partial' if cfg.SPLIT > 1 else 'final'}"
                    f"{' int64' if wide else ''}"),
             expects_dot=True))
     for split, sink in itertools.product(reduce_splits, (False, True)):
@@ -297,24 +301,28 @@ def build_variants(arch: str):
     return builds
 
 
-# (BLOCK_H, BLOCK_N, warps, stages) that compile without spills on sm90 with
-# Triton 3.6 and 3.9, for D = 576 and for D = 512 with the extra key set,
-# final and partial (probed like build-check). 64 heads sit at 255 registers:
-# 64-key steps, or a third stage with 32-key steps, spill there.
-_TUNE_SHAPES = ((16, 32, 4, 3), (16, 64, 4, 2), (16, 64, 8, 2), (32, 64, 8, 2), (64, 16, 8, 3), (64, 32, 8, 2))
+# (BLOCK_H, BLOCK_N, warps, stages, IDS_AHEAD) that compile without spills on
+# sm90 with Triton 3.6 and 3.9, for D = 576 and for D = 512 with the extra key
+# set, final and partial (probed like build-check). 64 heads sit at 255
+# registers: 64-key steps, or a third stage with 32-key steps, spill there, and
+# so does reading ids ahead (with the extra key set on 3.9), as it does with
+# 16 heads and 64-key steps at D = 576.
+_TUNE_SHAPES = ((16, 32, 4, 3, False), (16, 64, 4, 2, False), (16, 64, 8, 2, False), (32, 64, 8, 2, False),
+                (64, 16, 8, 3, False), (64, 32, 8, 2, False),
+                (16, 16, 4, 4, True), (16, 32, 4, 3, True), (16, 32, 4, 4, True), (32, 32, 8, 2, True))
 
 
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfig]:
     heads, keys, tokens = regime["heads"], regime["keys"], regime["tokens"]
     cands = []
-    for block_h, block_n, warps, stages in _TUNE_SHAPES:
+    for block_h, block_n, warps, stages, ahead in _TUNE_SHAPES:
         if block_h > max(16, next_power_of_2(heads)):
             continue
         for split in (1, 2, 4, 8, 16, 32, 64):
             if split > 1 and (keys // split < block_n
                               or tokens * -(-heads // block_h) * split > 4 * device.limits.compute_units):
                 continue
-            cands.append(MlaConfig(block_h, block_n, warps, stages, split))
+            cands.append(MlaConfig(block_h, block_n, warps, stages, split, ahead))
     return cands
 
 

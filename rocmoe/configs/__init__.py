@@ -247,7 +247,10 @@ def load_table(path: Path | str, spec: ConfigSpec) -> ConfigTable:
             if name not in fields:
                 raise ConfigTableError(path, f"{where}.config.{name}",
                                        f"unknown parameter; valid: {', '.join(fields)}")
-            if not _is_int(value):
+            if fields[name].type in (bool, "bool"):
+                if not isinstance(value, bool):
+                    raise ConfigTableError(path, f"{where}.config.{name}", f"expected true or false, got {value!r}")
+            elif not _is_int(value):
                 raise ConfigTableError(path, f"{where}.config.{name}", f"expected an int, got {value!r}")
         absent = required - set(config)
         if absent:

@@ -43,10 +43,28 @@ def test_every_build_carries_pdl_as_launched(arch):
             "sparse_topk_filter_kernel", "sparse_topk_candidates_kernel"} <= with_pdl
     for b in builds:
         if b.op in PDL_OPS:
-            assert dict(b.constexprs)["PDL"] is on, b.label
-            assert dict(b.options).get("launch_pdl", False) is on, b.label
+            pdl = dict(b.constexprs)["PDL"]
+            assert dict(b.options).get("launch_pdl", False) is pdl, b.label
+            # Routing launches large grids without PDL (pdl_for_grid), so it is built both ways.
+            assert pdl is on or (on and b.op == "gemma4_routing"), b.label
         else:
             assert "PDL" not in dict(b.constexprs) and "launch_pdl" not in dict(b.options), b.label
+    routing = [b for b in builds if b.op == "gemma4_routing"]
+    with_it = {b.label for b in routing if dict(b.constexprs)["PDL"]}
+    without = {b.label.removesuffix(" no-pdl") for b in routing if not dict(b.constexprs)["PDL"]}
+    assert with_it == (without if on else set()) and without
+
+
+def test_routing_uses_pdl_only_for_grids_that_fit_at_once(monkeypatch):
+    from rocmoe.backends.triton.gemma4_routing import PDL_PROGRAMS_PER_UNIT, pdl_for_grid
+
+    h100 = Device.from_arch("sm90")
+    fits = PDL_PROGRAMS_PER_UNIT * h100.limits.compute_units
+    assert pdl_for_grid(h100, 1) == pdl_for_grid(h100, fits) == {"PDL": True, "launch_pdl": True}
+    assert pdl_for_grid(h100, fits + 1) == {"PDL": False}
+    assert pdl_for_grid(Device.from_arch("gfx942"), 1) == {"PDL": False}
+    monkeypatch.setattr(_common, "PDL_ALLOWED", False)
+    assert pdl_for_grid(h100, 1) == {"PDL": False}
 
 
 @pytest.mark.gpu

@@ -43,7 +43,8 @@ def uses_pdl(device: Device) -> bool:
     placed. What that saves is launch latency between back-to-back kernels,
     never any ordering. The routing and top-k kernels use it (on the H100,
     under CUDA-graph replay, 1.15-1.25x on small routing calls, 1.5x on the
-    top-k short-circuit); sparse-MLA decode and the MoE do not: there the
+    top-k short-circuit; routing grids of many waves launch without it, see
+    gemma4_routing.pdl_for_grid); sparse-MLA decode and the MoE do not: there the
     next grid's programs, placed early and waiting, measured slower (down to
     0.77x) or no faster (ci/pdl_compare.py)."""
     if not PDL_ALLOWED or gdc_wait is None or device.vendor != "nvidia" or not device.arch.startswith("sm"):

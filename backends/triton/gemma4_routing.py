@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2, pdl_kwargs, with_pdl
+from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2, pdl_kwargs, uses_pdl, with_pdl
 from rocmoe.backends.triton._gemma4_routing_kernel import gemma4_routing_kernel
 from rocmoe.configs import ConfigSpec, register_spec
 from rocmoe.device import Device
@@ -67,6 +68,23 @@ SPEC = register_spec(ConfigSpec(
 ))
 
 
+#: Programs per compute unit up to which a launch uses PDL: grids that fit on the
+#: device at once (32 resident programs per SM). PDL hides the launch latency
+#: of a short kernel; under a grid of many waves it measured slower on the H100
+#: for fp32 logits (ci/pdl_compare.py, CUDA-graph replay, one run: 0.86x at
+#: T = 65536 and 0.75x at T = 262144, against 1.14-1.19x at T <= 1024; bf16
+#: 1.16-1.25x up to T = 8192 and 1.01-1.02x above).
+PDL_PROGRAMS_PER_UNIT = 32
+
+
+def pdl_for_grid(device: Device, programs: int) -> dict[str, bool]:
+    """The PDL launch keywords for a grid of ``programs`` on ``device``: PDL only
+    where the device has it and the grid fits on it at once."""
+    if programs > PDL_PROGRAMS_PER_UNIT * device.limits.compute_units:
+        return {"PDL": False}
+    return pdl_kwargs(device)
+
+
 def launch(gating_output: torch.Tensor, topk: int, per_expert_scale: torch.Tensor, out_weights: torch.Tensor,
            out_ids: torch.Tensor, config: RoutingConfig) -> None:
     """Launch the kernel with an explicit config (the tuner and build-check use this).
@@ -83,7 +101,7 @@ def launch(gating_output: torch.Tensor, topk: int, per_expert_scale: torch.Tenso
         gemma4_routing_kernel[grid](
             gating_output, per_expert_scale, out_weights, out_ids,
             num_tokens, num_experts, gating_output.stride(0),
-            TOPK=topk, BLOCK_T=block_t, num_warps=config.num_warps, **layout, **pdl_kwargs(device),
+            TOPK=topk, BLOCK_T=block_t, num_warps=config.num_warps, **layout, **pdl_for_grid(device, grid[0]),
         )
 
 
@@ -165,7 +183,11 @@ def build_variants(arch: str):
                 label=(f"E={experts} K=8 {dtype} BLOCK_T={block_t} warps={cfg.num_warps} "
                        f"lanes={cfg.LANES} keys={keys['KEY_KIND']}"),
             ))
-    return with_pdl(builds, arch)
+    if not uses_pdl(device):
+        return with_pdl(builds, arch)
+    # Under PDL, large grids launch without it (pdl_for_grid): both kernels of every config.
+    return with_pdl(builds, arch) + [dataclasses.replace(b, constexprs=(*b.constexprs, ("PDL", False)),
+                                                         label=f"{b.label} no-pdl") for b in builds]
 
 
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[RoutingConfig]:

@@ -63,7 +63,7 @@ def _check(out, lse, q, cache, idx, d_v, scale=0.125, **kw):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=repr)
-@pytest.mark.parametrize("heads, dim, d_v", [(4, 80, 64), (20, 64, 48)])
+@pytest.mark.parametrize("heads, dim, d_v", [(4, 80, 64), (20, 64, 48), (5, 80, 40)])
 def test_configs_with_every_feature(kernel_device, gen, config, heads, dim, d_v):
     tokens = 5
     q, cache, idx, extra = _problem(gen, tokens, heads, dim, topk=37, extra=9, dtype=_dtype(kernel_device))
@@ -88,6 +88,16 @@ def test_nan_rows_outside_the_selection(kernel_device, gen, config):
     out, lse = _launch(kernel_device, q, cache, idx, 64, config, topk_length=length)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     _check(out, lse, q, clean, idx, 64, topk_length=length)
+
+
+@pytest.mark.parametrize("split", [2, 3, 4, 8, 16, 32, 64])
+def test_reduce_tiles_hold_every_partial_within_the_tile_budget(split):
+    from rocmoe.backends.triton.sparse_mla_decode import REDUCE_BLOCK_H, REDUCE_TILE, reduce_blocks
+
+    block_s, block_dv = reduce_blocks(split)
+    assert block_s >= split and block_s & (block_s - 1) == 0  # every partial in one load
+    assert block_dv >= 16 and block_dv & (block_dv - 1) == 0
+    assert block_s * REDUCE_BLOCK_H * block_dv <= max(REDUCE_TILE, block_s * REDUCE_BLOCK_H * 16)
 
 
 def test_split_dims():

@@ -68,8 +68,9 @@ SPEC = register_spec(ConfigSpec(
 ))
 
 
-#: Programs per compute unit up to which a launch uses PDL: grids that fit on the
-#: device at once (32 resident programs per SM). PDL hides the launch latency
+#: Programs per compute unit up to which a launch uses PDL: 32 is the most
+#: programs an SM holds at once, which the one-warp programs of the large-T
+#: configs reach, so larger grids run in waves. PDL hides the launch latency
 #: of a short kernel; under a grid of many waves it measured slower on the H100
 #: for fp32 logits (ci/pdl_compare.py, CUDA-graph replay, one run: 0.86x at
 #: T = 65536 and 0.75x at T = 262144, against 1.14-1.19x at T <= 1024; bf16

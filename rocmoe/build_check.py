@@ -148,9 +148,19 @@ def _check_nvidia(result: BuildResult, ptx: str, shared: int, arch: str, limit_s
     stack = re.search(r"(\d+) bytes stack frame", report)
     result.scratch_bytes = int(stack.group(1)) if stack else 0
     result.shared_bytes = shared
-    result.matrix_instructions = sorted(set(re.findall(r"\b(wgmma\.\w+|tcgen05\.mma\w*|mma\.sync\w*)", ptx)))
+    result.matrix_instructions = nvidia_matrix_instructions(ptx)
     if shared > limit_smem:
         result.problems.append(f"shared memory {shared} B > {limit_smem} B")
+
+
+def nvidia_matrix_instructions(ptx: str) -> list[str]:
+    """The matrix instructions in PTX with their tile shapes (``wgmma.m64n32k16``,
+    ``mma.m16n8k16``; ``tcgen05.mma`` keeps its shape in a runtime descriptor):
+    a score dot issued as m64n16 where m64n32 was meant shows here."""
+    found = {f"wgmma.{shape}" for shape in re.findall(r"\bwgmma\.mma_async[.\w]*?\.(m\d+n\d+k\d+)", ptx)}
+    found |= {f"mma.{shape}" for shape in re.findall(r"\bmma\.sync[.\w]*?\.(m\d+n\d+k\d+)", ptx)}
+    found |= set(re.findall(r"\btcgen05\.mma\b", ptx))
+    return sorted(found)
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rocmoe import build_check
-from rocmoe.build_check import BuildResult, KernelBuild, _check_amd
+from rocmoe.build_check import BuildResult, KernelBuild, _check_amd, nvidia_matrix_instructions
 from rocmoe.precompile import compiling_worker_init
 
 GCN = """
@@ -28,6 +28,20 @@ def test_amd_metadata_is_read_and_judged():
         256, 60, 0, 12, 16, 70000, 2)
     assert r.matrix_instructions == ["v_mfma_f32_32x32x8_bf16"]
     assert r.problems == ["LDS 70000 B > 65536 B"]
+
+
+def test_nvidia_matrix_instructions_keep_their_tile_shapes():
+    ptx = """
+    wgmma.fence.sync.aligned;
+    wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%r1, %r2}, %rd1, %rd2, p, 1, 1, 0, 0;
+    wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%r1, %r2}, %rd1, %rd2, p, 1, 1, 0, 0;
+    wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%r3, %r4}, %rd3, %rd4, p, 1, 1, 0, 0;
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};
+    tcgen05.mma.cta_group::1.kind::f16 [%r1], %rd1, %rd2, %r3, p;
+    tcgen05.commit.cta_group::1.mbarrier::arrive::one.b64 [%r4];
+    """
+    assert nvidia_matrix_instructions(ptx) == ["mma.m16n8k16", "tcgen05.mma", "wgmma.m64n256k16", "wgmma.m64n32k16"]
+    assert nvidia_matrix_instructions("wgmma.fence.sync.aligned; ld.global.b32 %r1, [%rd1];") == []
 
 
 def test_unknown_arch_is_rejected():

@@ -22,6 +22,11 @@ CONFIGS = [
     MlaConfig(64, 32, 8, 2, 2),   # sm90's shape for 64+ heads: wgmma, pipelined gather; most heads masked here
     MlaConfig(16, 16, 4, 2, 3, IDS_AHEAD=True),  # each tile's ids read a step ahead, across both key lists
     MlaConfig(16, 16, 2, 3, 1, IDS_AHEAD=True),
+    # d_v in two programs (sm90's 128-head blocks): both halves of D enter the scores of each, and
+    # the second half of d_v is partly or wholly past d_v at these sizes
+    MlaConfig(16, 16, 4, 2, 1, DV_SPLIT=2),
+    MlaConfig(16, 32, 4, 2, 3, IDS_AHEAD=True, DV_SPLIT=2),
+    MlaConfig(128, 32, 8, 2, 2, DV_SPLIT=2),
 ]
 
 

@@ -11,6 +11,17 @@ output accumulators): with 64 heads on sm90 (wgmma, the fp32 [64, 512]
 accumulator at 128 registers a thread) one [64, 512] tile and its store
 left no room for the rest and spilled; halves do not.
 
+With DV_SPLIT = 2 the two halves of d_v go to two programs that share
+the gathered rows through L2, each computing the whole score tile for its
+heads and one [BLOCK_H, D_MAIN / 2] output. On sm90 this lets a program take
+128 heads on eight warps: each warpgroup then owns 64 heads of the score dot
+(Triton gives a chained dot's warps all to M, so 64 heads on eight warps
+compute the same scores in both warpgroups) and issues it as m64n32 wgmma
+instead of m64n16. The tensor work per key is the same; the score dot takes
+half the wgmma instructions, and reads 0.6x the shared-memory bytes per flop
+(both of its operands come from shared memory: 2 KB of Q per instruction
+against 0.5 or 1 KB of keys).
+
 The key list (the indexed keys, then the extra keys of DeepSeek-V4) is cut into
 SPLIT chunks along the grid when T * H / BLOCK_H programs cannot fill the
 device. With SPLIT = 1 a program writes the final output; otherwise it
@@ -76,11 +87,13 @@ def _tile_span(tile, main_tiles, start, stop, length, rows, idx_row, cache_ptr, 
 
 @triton.jit
 def _attend(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, q_tail, cache_ptr, idx_row, length, rows, start, stop,
-            xcache_ptr, xidx_row, xlength, xrows, xstart, xstop, qk_scale, D: tl.constexpr, D_MAIN: tl.constexpr,
-            D_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr,
-            WIDE: tl.constexpr, IDS_AHEAD: tl.constexpr):
+            xcache_ptr, xidx_row, xlength, xrows, xstart, xstop, qk_scale, lo_col, hi_col, D: tl.constexpr,
+            D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HAS_EXTRA: tl.constexpr,
+            IEEE: tl.constexpr, WIDE: tl.constexpr, IDS_AHEAD: tl.constexpr, DV_SPLIT: tl.constexpr):
     """Online softmax over the indexed keys idx_row[start:stop] and then (V4)
     the extra keys xidx_row[xstart:xstop]; returns (acc_lo, acc_hi, m, l).
+    The two halves of D_MAIN start at lo_col and hi_col; both enter the
+    scores, and V is the lo half alone when DV_SPLIT = 2 (acc_hi untouched).
     Only the first ``length`` / ``xlength`` of each list count and -1 /
     out-of-range ids are skipped. One loop walks both lists in tiles of
     BLOCK_N that never straddle them, so a tile's base pointer, list and
@@ -114,8 +127,8 @@ def _attend(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, q_tail, cache_ptr, idx_row, le
             idx = tl.load(ids + j, mask=live, other=-1)
         valid = live & (j < limit) & (idx >= 0) & (idx < nrows)
         row_ptr = src + _row_offsets(tl.where(valid, idx, 0), D, WIDE)
-        k_lo = tl.load(row_ptr + cols[None, :], mask=valid[:, None], other=0.0)
-        k_hi = tl.load(row_ptr + HALF + cols[None, :], mask=valid[:, None], other=0.0)
+        k_lo = tl.load(row_ptr + lo_col + cols[None, :], mask=valid[:, None], other=0.0)
+        k_hi = tl.load(row_ptr + hi_col + cols[None, :], mask=valid[:, None], other=0.0)
         s = tl.zeros([q_lo.shape[0], BLOCK_N], dtype=tl.float32)
         if D_TAIL > 0:
             k_tail = tl.load(row_ptr + D_MAIN + tl.arange(0, D_TAIL)[None, :], mask=valid[:, None], other=0.0)
@@ -130,7 +143,8 @@ def _attend(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, q_tail, cache_ptr, idx_row, le
         l_i = l_i * alpha + tl.sum(p, 1)
         pb = p.to(k_lo.dtype)
         acc_lo = _dot(pb, k_lo, acc_lo * alpha[:, None], IEEE)
-        acc_hi = _dot(pb, k_hi, acc_hi * alpha[:, None], IEEE)
+        if DV_SPLIT == 1:
+            acc_hi = _dot(pb, k_hi, acc_hi * alpha[:, None], IEEE)
         m_i = m_new
     return acc_lo, acc_hi, m_i, l_i
 
@@ -153,14 +167,21 @@ def sparse_mla_decode_kernel(
     D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_XLEN: tl.constexpr, HAS_SINK: tl.constexpr,
     PARTIAL: tl.constexpr, IEEE: tl.constexpr, WIDE: tl.constexpr, IDS_AHEAD: tl.constexpr = False,
+    DV_SPLIT: tl.constexpr = 1,
 ):
-    """Grid (T * split * cdiv(H, BLOCK_H),), the head block fastest: the
-    programs that gather the same key rows (one token's key chunk, every head
-    block) run side by side and share them through L2. PARTIAL when split > 1
-    (partials for the reduce instead of the output). qk_scale is
-    softmax_scale * log2(e)."""
+    """Grid (T * split * cdiv(H, BLOCK_H) * DV_SPLIT,), the d_v half, then
+    the head block fastest: the programs that gather the same key rows (one
+    token's key chunk, every head block and d_v half) run side by side and
+    share them through L2. PARTIAL when split > 1 (partials for the reduce
+    instead of the output). qk_scale is softmax_scale * log2(e)."""
     head_blocks = tl.cdiv(num_heads, BLOCK_H)
     pid = tl.program_id(0)
+    HALF: tl.constexpr = D_MAIN // 2
+    # This program's d_v half starts at lo_col (the whole of d_v from 0 when DV_SPLIT = 1);
+    # hi_col is the other half of D_MAIN, which only enters the scores when DV_SPLIT = 2.
+    lo_col = (pid % DV_SPLIT) * HALF
+    hi_col = HALF - lo_col
+    pid = pid // DV_SPLIT
     heads = (pid % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
     part = (pid // head_blocks) % split
     t = pid // (head_blocks * split)
@@ -168,9 +189,8 @@ def sparse_mla_decode_kernel(
     t64 = t.to(tl.int64)
 
     q_rows = q_ptr + t64 * q_stride_t + heads[:, None].to(tl.int64) * q_stride_h
-    HALF: tl.constexpr = D_MAIN // 2
-    q_lo = tl.load(q_rows + tl.arange(0, HALF)[None, :], mask=head_ok[:, None], other=0.0)
-    q_hi = tl.load(q_rows + HALF + tl.arange(0, HALF)[None, :], mask=head_ok[:, None], other=0.0)
+    q_lo = tl.load(q_rows + lo_col + tl.arange(0, HALF)[None, :], mask=head_ok[:, None], other=0.0)
+    q_hi = tl.load(q_rows + hi_col + tl.arange(0, HALF)[None, :], mask=head_ok[:, None], other=0.0)
     if D_TAIL > 0:
         q_tail = tl.load(q_rows + D_MAIN + tl.arange(0, D_TAIL)[None, :], mask=head_ok[:, None], other=0.0)
     else:
@@ -188,8 +208,8 @@ def sparse_mla_decode_kernel(
     acc_lo, acc_hi, m_i, l_i = _attend(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, q_tail, cache_ptr,
                                        idx_ptr + t64 * idx_stride, length, rows, start, tl.minimum(stop, topk),
                                        xcache_ptr, xidx_ptr + t64 * xidx_stride, xlength, xrows,
-                                       tl.maximum(start, topk) - topk, stop - topk, qk_scale, D, D_MAIN, D_TAIL,
-                                       BLOCK_N, HAS_EXTRA, IEEE, WIDE, IDS_AHEAD)
+                                       tl.maximum(start, topk) - topk, stop - topk, qk_scale, lo_col, hi_col, D,
+                                       D_MAIN, D_TAIL, BLOCK_N, HAS_EXTRA, IEEE, WIDE, IDS_AHEAD, DV_SPLIT)
 
     # The epilogue's head indices are re-derived from the loop's result (l >= 0,
     # so this adds 0): computed before the loop, the per-head output
@@ -204,23 +224,27 @@ def sparse_mla_decode_kernel(
     row_scale = 1.0 / l_safe
     if HAS_SINK and not PARTIAL:
         row_scale = row_scale * _sink_factor(lse2, sink_ptr, heads, head_ok)
-    out_lo = acc_lo * row_scale[:, None]
-    out_hi = acc_hi * row_scale[:, None]
     dv_cols = tl.arange(0, HALF)
-    lo_mask = head_ok[:, None] & (dv_cols < d_v)[None, :]
-    hi_mask = head_ok[:, None] & (dv_cols + HALF < d_v)[None, :]
+    lo_mask = head_ok[:, None] & (lo_col + dv_cols < d_v)[None, :]
+    hi_mask = head_ok[:, None] & (hi_col + dv_cols < d_v)[None, :]
+    # Both d_v halves of a head have the same lse: the first writes it.
+    lse_mask = head_ok & (heads * 0 + lo_col == 0)
     if not PARTIAL:
         out_rows = out_ptr + t64 * out_stride_t + heads[:, None].to(tl.int64) * out_stride_h
-        tl.store(out_rows + dv_cols[None, :], out_lo.to(out_ptr.dtype.element_ty), mask=lo_mask)
-        tl.store(out_rows + HALF + dv_cols[None, :], out_hi.to(out_ptr.dtype.element_ty), mask=hi_mask)
-        tl.store(lse_ptr + t64 * lse_stride + heads, tl.where(has_key, lse2 * _LN2, float("inf")), mask=head_ok)
+        tl.store(out_rows + lo_col + dv_cols[None, :], (acc_lo * row_scale[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=lo_mask)
+        if DV_SPLIT == 1:
+            tl.store(out_rows + hi_col + dv_cols[None, :],
+                     (acc_hi * row_scale[:, None]).to(out_ptr.dtype.element_ty), mask=hi_mask)
+        tl.store(lse_ptr + t64 * lse_stride + heads, tl.where(has_key, lse2 * _LN2, float("inf")), mask=lse_mask)
     else:
         # Partials: [T, SPLIT, H, d_v] fp32 (normalised by this chunk's l) and [T, SPLIT, H] base-2 lse.
         slot = t64 * split + part
-        tl.store(part_lse_ptr + slot * num_heads + heads, lse2, mask=head_ok)
+        tl.store(part_lse_ptr + slot * num_heads + heads, lse2, mask=lse_mask)
         part_rows = part_out_ptr + (slot * num_heads + heads[:, None].to(tl.int64)) * d_v
-        tl.store(part_rows + dv_cols[None, :], out_lo, mask=lo_mask)
-        tl.store(part_rows + HALF + dv_cols[None, :], out_hi, mask=hi_mask)
+        tl.store(part_rows + lo_col + dv_cols[None, :], acc_lo * row_scale[:, None], mask=lo_mask)
+        if DV_SPLIT == 1:
+            tl.store(part_rows + hi_col + dv_cols[None, :], acc_hi * row_scale[:, None], mask=hi_mask)
 
 
 @triton.jit(do_not_specialize=["split"])

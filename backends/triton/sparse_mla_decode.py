@@ -61,6 +61,8 @@ class MlaConfig:
     SPLIT: int
     #: read each key tile's ids one step ahead of its gather
     IDS_AHEAD: bool = False
+    #: programs per (token, head block, chunk), one per part of d_v (1 or 2)
+    DV_SPLIT: int = 1
 
 
 def split_dims(head_dim: int) -> tuple[int, int] | None:
@@ -162,7 +164,7 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
         part_lse = torch.empty((num_tokens, split, num_heads), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = lse_out  # never touched
-    grid = (num_tokens * split * triton.cdiv(num_heads, config.BLOCK_H),)
+    grid = (num_tokens * split * triton.cdiv(num_heads, config.BLOCK_H) * config.DV_SPLIT,)
     with launch_device(q):
         sparse_mla_decode_kernel[grid](
             q, cache, indices,
@@ -181,7 +183,7 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
             D=head_dim, D_MAIN=main, D_TAIL=tail, BLOCK_H=config.BLOCK_H, BLOCK_N=config.BLOCK_N,
             HAS_LEN=topk_length is not None, HAS_EXTRA=has_extra, HAS_XLEN=extra_topk_length is not None,
             HAS_SINK=attn_sink is not None, PARTIAL=split > 1, IEEE=q.dtype == torch.float32,
-            IDS_AHEAD=config.IDS_AHEAD,
+            IDS_AHEAD=config.IDS_AHEAD, DV_SPLIT=config.DV_SPLIT,
             WIDE=max(cache.numel(), extra_cache.numel() if has_extra else 0) >= 2**31,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
@@ -277,12 +279,14 @@ def build_variants(arch: str):
             constexprs=(("D", dim), ("D_MAIN", main), ("D_TAIL", tail), ("BLOCK_H", cfg.BLOCK_H),
                         ("BLOCK_N", cfg.BLOCK_N), ("HAS_LEN", has_extra), ("HAS_EXTRA", has_extra),
                         ("HAS_XLEN", has_extra), ("HAS_SINK", has_extra), ("PARTIAL", cfg.SPLIT > 1),
-                        ("IEEE", False), ("WIDE", wide), ("IDS_AHEAD", cfg.IDS_AHEAD)),
+                        ("IEEE", False), ("WIDE", wide), ("IDS_AHEAD", cfg.IDS_AHEAD),
+                        ("DV_SPLIT", cfg.DV_SPLIT)),
             options=(("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages)),
             aligned=("num_heads", "topk", "xtopk", "d_v", "q_stride_t", "q_stride_h", "idx_stride", "xidx_stride",
                      "out_stride_t", "out_stride_h", "lse_stride", "chunk"),
             label=(f"D={dim}{' +extra +sink' if has_extra else ''} BLOCK_H={cfg.BLOCK_H} BLOCK_N={cfg.BLOCK_N} "
-                   f"warps={cfg.num_warps} stages={cfg.num_stages}{' ids-ahead' if cfg.IDS_AHEAD else ''} "
+                   f"warps={cfg.num_warps} stages={cfg.num_stages}{' ids-ahead' if cfg.IDS_AHEAD else ''}"
+                   f"{' dv-split' if cfg.DV_SPLIT > 1 else ''} "
                    f"{'partial' if cfg.SPLIT > 1 else 'final'}"
                    f"{' int64' if wide else ''}"),
             expects_dot=True))

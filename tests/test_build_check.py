@@ -84,6 +84,21 @@ def test_real_compile_for_gfx942_and_sm90():
         assert r.registers and r.registers > 0 and r.spills == 0
 
 
+def test_mla_dv_split_gives_each_warpgroup_its_own_score_tile():
+    # The premise of DV_SPLIT on sm90: with 64 heads on eight warps the score dot is issued as
+    # m64n16 (the warpgroups split nothing of it); 128 heads with d_v in two programs issue it as
+    # m64n32 and the output dot as m64n256, each warpgroup on its own 64 heads.
+    labels = {"D=576 BLOCK_H=64 BLOCK_N=32 warps=8 stages=2 final": ["wgmma.m64n128k16", "wgmma.m64n16k16"],
+              "D=576 BLOCK_H=128 BLOCK_N=32 warps=8 stages=2 dv-split final": ["wgmma.m64n256k16",
+                                                                               "wgmma.m64n32k16"]}
+    results = build_check.run(["sm90"], ["sparse_mla_decode"], jobs=2, progress=False,
+                              select=lambda b: b.label in labels)
+    assert sorted(r.label for r in results) == sorted(labels)
+    for r in results:
+        assert r.ok, r.problems
+        assert r.matrix_instructions == labels[r.label], r.label
+
+
 def _compile_bad_build(arch):
     import os
 

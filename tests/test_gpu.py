@@ -199,6 +199,41 @@ def test_triton_mla_at_spec_shapes(cuda, gen, tokens, shape):
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)
 
 
+def _dv_split_tune_configs():
+    from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES, MlaConfig
+
+    return [MlaConfig(bh, bn, warps, stages, split, ahead, dv_split)
+            for bh, bn, warps, stages, ahead, dv_split in _TUNE_SHAPES if dv_split > 1 for split in (1, 8)]
+
+
+@pytest.mark.parametrize("config", _dv_split_tune_configs(), ids=repr)
+@pytest.mark.parametrize("shape", [(576, 2048, 0), (512, 1024, 128)], ids=["v32-h128", "v4-pro"])
+def test_triton_mla_dv_split_candidates_at_spec_shapes(cuda, gen, config, shape):
+    # The tuner may put these in the sm90 table: each is checked at a model's size first (T = 64: one
+    # program per SM without a split, and with a split and the reduce).
+    from rocmoe.backends.torch.sparse_mla_decode import sparse_mla_decode_torch
+    from rocmoe.backends.triton.sparse_mla_decode import launch
+
+    dim, topk, extra = shape
+    tokens, heads = 64, 128
+    q = torch.randn(tokens, heads, dim, generator=gen).to(cuda, torch.bfloat16)
+    cache = torch.randn(2 * tokens * topk // 64 + 1, 64, dim, generator=gen).to(cuda, torch.bfloat16)
+    idx = torch.randint(-1, cache.shape[0] * 64, (tokens, topk), generator=gen, dtype=torch.int32).to(cuda)
+    extra_cache = extra_idx = sink = None
+    if extra:
+        extra_cache = torch.randn(8, 64, dim, generator=gen).to(cuda, torch.bfloat16)
+        extra_idx = torch.randint(0, 512, (tokens, extra), generator=gen, dtype=torch.int32).to(cuda)
+        sink = torch.randn(heads, generator=gen).to(cuda)
+    out = poison(torch.empty(tokens, heads, 512, dtype=torch.bfloat16, device=cuda))
+    lse = poison(torch.empty(tokens, heads, device=cuda))
+    launch(q, cache, idx, dim ** -0.5, 512, None, sink, extra_cache, extra_idx, None, out, lse, config)
+    ref_out, ref_lse = sparse_mla_decode_torch(q, cache, idx, dim ** -0.5, 512, None, sink, extra_cache, extra_idx)
+    assert not is_poisoned(out).any() and not is_poisoned(lse).any()
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
+    assert float((out.float() - ref_out).norm() / ref_out.norm()) <= 5e-3
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("tokens", [1, 64])
 @pytest.mark.parametrize("width", [8192, 131072])
 def test_triton_topk_at_spec_shapes(cuda, gen, tokens, width):

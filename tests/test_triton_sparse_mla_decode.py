@@ -128,7 +128,7 @@ def test_heuristic_fills_the_device_at_small_batch(arch):
 
 
 def test_sm90_heuristic_and_table_use_probed_shapes():
-    # _TUNE_SHAPES lists the (heads, keys, warps, stages, ids ahead) that compile
+    # _TUNE_SHAPES lists the (heads, keys, warps, stages, ids ahead, d_v split) that compile
     # without spills on sm90 with Triton 3.6 and 3.9; the heuristic and the
     # measured table may only use those (build-check compiles them in CI).
     from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES
@@ -137,7 +137,7 @@ def test_sm90_heuristic_and_table_use_probed_shapes():
     choose = SPEC.heuristic(device)
 
     def shape(c):
-        return c.BLOCK_H, c.BLOCK_N, c.num_warps, c.num_stages, c.IDS_AHEAD
+        return c.BLOCK_H, c.BLOCK_N, c.num_warps, c.num_stages, c.IDS_AHEAD, c.DV_SPLIT
 
     shapes = {shape(choose({"tokens": t, "heads": h, "keys": 2048, "head_dim": 576, "compute_units": 132}))
               for t in (1, 8, 64, 512) for h in (16, 64, 128)}

@@ -239,7 +239,9 @@ _KERNELS = "rocmoe.backends.triton._sparse_mla_decode_kernel:"
 
 def build_variants(arch: str):
     """Every launch the shipped table or the heuristic makes on ``arch`` at the
-    benchmark shapes (bf16), with the features each model uses."""
+    benchmark shapes (bf16), with the features each model uses; on sm90 also
+    every shape the tuner may write into its table (``_TUNE_SHAPES``, whose
+    claim to compile without spills is thereby checked)."""
     from rocmoe.build_check import KernelBuild
 
     device = Device.from_arch(arch)
@@ -259,6 +261,10 @@ def build_variants(arch: str):
             dims = (when["head_dim"][0],) if "head_dim" in when else tuple({dim for _, dim, *_ in BENCH_SHAPES})
             jobs |= {(dim, has_extra, cfg) for dim in dims for has_extra in extras
                      if not has_extra or any(d == dim and extra for _, d, _, _, extra in BENCH_SHAPES)}
+    if arch == "sm90":
+        jobs |= {(dim, has_extra, MlaConfig(bh, bn, warps, stages, split, ahead, dv_split))
+                 for bh, bn, warps, stages, ahead, dv_split in _TUNE_SHAPES for split in (1, 2)
+                 for dim, has_extra in ((576, False), (512, True))}
     # The split count is a runtime argument of the decode kernel: one build per
     # "partial or not"; the reduce is built per split (its block shapes follow it).
     reduce_splits = sorted({cfg.SPLIT for *_, cfg in jobs if cfg.SPLIT > 1})
@@ -305,28 +311,36 @@ def build_variants(arch: str):
     return builds
 
 
-# (BLOCK_H, BLOCK_N, warps, stages, IDS_AHEAD) that compile without spills on
-# sm90 with Triton 3.6 and 3.9, for D = 576 and for D = 512 with the extra key
-# set, final and partial (probed like build-check). 64 heads sit at 255
-# registers: 64-key steps, or a third stage with 32-key steps, spill there, and
-# so does reading ids ahead (with the extra key set on 3.9), as it does with
-# 16 heads and 64-key steps at D = 576.
-_TUNE_SHAPES = ((16, 32, 4, 3, False), (16, 64, 4, 2, False), (16, 64, 8, 2, False), (32, 64, 8, 2, False),
-                (64, 16, 8, 3, False), (64, 32, 8, 2, False),
-                (16, 16, 4, 4, True), (16, 32, 4, 3, True), (16, 32, 4, 4, True), (32, 32, 8, 2, True))
+# (BLOCK_H, BLOCK_N, warps, stages, IDS_AHEAD, DV_SPLIT) that compile without
+# spills on sm90 with Triton 3.6 and 3.9, for D = 576 and for D = 512 with the
+# extra key set, final and partial, with int32 and int64 cache offsets
+# (build_variants builds them all for sm90, so CI checks this claim).
+# - 64 heads sit at 255 registers on 3.9: 64-key steps, a third stage with
+#   32-key steps, or reading ids ahead (24-64 B of stack on 3.9, none on 3.6
+#   or 3.8) spill there.
+# - 16 heads spill with ids ahead and 64-key steps at D = 576, and with
+#   64-key steps on eight warps with int64 offsets (8 B on 3.9).
+# - 128 heads with d_v in two programs take 186-237 registers (a [128, 256]
+#   accumulator on eight warps) and up to 221 KB of shared memory at D = 576,
+#   147 KB of it Q, so no third stage of 32-key tiles fits; 64 heads with d_v
+#   halves on four warps spill on 3.9.
+_TUNE_SHAPES = ((16, 32, 4, 3, False, 1), (16, 64, 4, 2, False, 1),
+                (32, 64, 8, 2, False, 1), (64, 16, 8, 3, False, 1), (64, 32, 8, 2, False, 1),
+                (16, 16, 4, 4, True, 1), (16, 32, 4, 3, True, 1), (16, 32, 4, 4, True, 1), (32, 32, 8, 2, True, 1),
+                (128, 16, 8, 3, False, 2), (128, 32, 8, 2, False, 2), (128, 32, 8, 2, True, 2))
 
 
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfig]:
     heads, keys, tokens = regime["heads"], regime["keys"], regime["tokens"]
     cands = []
-    for block_h, block_n, warps, stages, ahead in _TUNE_SHAPES:
+    for block_h, block_n, warps, stages, ahead, dv_split in _TUNE_SHAPES:
         if block_h > max(16, next_power_of_2(heads)):
             continue
         for split in (1, 2, 4, 8, 16, 32, 64):
             if split > 1 and (keys // split < block_n
-                              or tokens * -(-heads // block_h) * split > 4 * device.limits.compute_units):
+                              or tokens * -(-heads // block_h) * dv_split * split > 4 * device.limits.compute_units):
                 continue
-            cands.append(MlaConfig(block_h, block_n, warps, stages, split, ahead))
+            cands.append(MlaConfig(block_h, block_n, warps, stages, split, ahead, dv_split))
     return cands
 
 

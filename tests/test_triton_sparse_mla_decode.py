@@ -82,6 +82,26 @@ def test_configs_with_every_feature(kernel_device, gen, config, heads, dim, d_v)
     assert (out[3] == 0).all() and (lse[3] == math.inf).all()
 
 
+def _dv_split_tune_shapes():
+    from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES
+
+    return [MlaConfig(bh, bn, warps, stages, 2, ahead, dv_split)
+            for bh, bn, warps, stages, ahead, dv_split in _TUNE_SHAPES if dv_split > 1]
+
+
+@pytest.mark.parametrize("config", _dv_split_tune_shapes(), ids=repr)
+@pytest.mark.parametrize("dim, extra", [(576, 0), (512, 16)], ids=["v32", "v4"])
+def test_dv_split_tune_shapes_at_the_models_head_dims(kernel_device, gen, config, dim, extra):
+    # The sm90 tuner's d_v-split candidates at the models' D and 128 heads (few keys, two chunks):
+    # both D halves and V4's tail-less rows, the extra keys and the sink, with the reduce.
+    tokens, heads = 2, 128
+    q, cache, idx, kw = _problem(gen, tokens, heads, dim, topk=40, extra=extra, rows=256, dtype=_dtype(kernel_device))
+    if extra:
+        kw["attn_sink"] = torch.randn(heads, generator=gen)
+    out, lse = _launch(kernel_device, q, cache, idx, 512, config, scale=dim ** -0.5, **kw)
+    _check(out, lse, q, cache, idx, 512, scale=dim ** -0.5, **kw)
+
+
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[2], CONFIGS[4]], ids=repr)
 def test_nan_rows_outside_the_selection(kernel_device, gen, config):
     q, cache, idx, _ = _problem(gen, 3, 16, 80, topk=24, dtype=_dtype(kernel_device))

@@ -322,12 +322,15 @@ def build_variants(arch: str):
 #   64-key steps on eight warps with int64 offsets (8 B on 3.9).
 # - 128 heads with d_v in two programs take 186-237 registers (a [128, 256]
 #   accumulator on eight warps) and up to 221 KB of shared memory at D = 576,
-#   147 KB of it Q, so no third stage of 32-key tiles fits; 64 heads with d_v
-#   halves on four warps spill on 3.9.
+#   147 KB of it Q, so no third stage of 32-key tiles fits.
+# - 64 heads with d_v halves on four warps (one warpgroup, two programs an SM:
+#   214-247 registers, 98-111 KB) fit with 16-key steps; 32-key steps spill on
+#   3.9.
 _TUNE_SHAPES = ((16, 32, 4, 3, False, 1), (16, 64, 4, 2, False, 1),
                 (32, 64, 8, 2, False, 1), (64, 16, 8, 3, False, 1), (64, 32, 8, 2, False, 1),
                 (16, 16, 4, 4, True, 1), (16, 32, 4, 3, True, 1), (16, 32, 4, 4, True, 1), (32, 32, 8, 2, True, 1),
-                (128, 16, 8, 3, False, 2), (128, 32, 8, 2, False, 2), (128, 32, 8, 2, True, 2))
+                (128, 16, 8, 3, False, 2), (128, 32, 8, 2, False, 2), (128, 32, 8, 2, True, 2),
+                (64, 16, 4, 2, False, 2), (64, 16, 4, 3, False, 2))
 
 
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfig]:

@@ -54,6 +54,21 @@ def _heuristic(warp_size: int):
     return choose
 
 
+#: Tokens per program under the CPU interpreter (see _interpreter_heuristic).
+INTERPRETER_BLOCK_T = 64
+
+
+def _interpreter_heuristic(regime: Mapping[str, int]) -> RoutingConfig:
+    """The CPU, where Triton kernels only run under TRITON_INTERPRET=1 (the
+    tests): the interpreter runs a program's tiles as array operations and the
+    programs one after another, so a program takes the NVIDIA throughput
+    layout's lanes with INTERPRETER_BLOCK_T tokens. (T = 1000, E = 1024 fp32:
+    68 s in one-token programs, 1.5 s in 64-token ones.) The GPU launch shapes
+    themselves are tested config by config."""
+    gpu = _heuristic(32)({**regime, "tokens": max(regime["tokens"], 257)})
+    return dataclasses.replace(gpu, BLOCK_T=INTERPRETER_BLOCK_T)
+
+
 SPEC = register_spec(ConfigSpec(
     op="gemma4_routing",
     kernel="topk_softmax",
@@ -63,6 +78,7 @@ SPEC = register_spec(ConfigSpec(
         "cdna3": _heuristic(64),
         "cdna4": _heuristic(64),
         "amd": _heuristic(64),
+        "cpu": _interpreter_heuristic,
         "default": _heuristic(32),
     },
 ))

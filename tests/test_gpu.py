@@ -200,10 +200,9 @@ def test_triton_mla_at_spec_shapes(cuda, gen, tokens, shape):
 
 
 def _dv_split_tune_configs():
-    from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES, MlaConfig
+    from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES, tune_config
 
-    return [MlaConfig(bh, bn, warps, stages, split, ahead, dv_split)
-            for bh, bn, warps, stages, ahead, dv_split in _TUNE_SHAPES if dv_split > 1 for split in (1, 8)]
+    return [tune_config(shape, split) for shape in _TUNE_SHAPES if shape[-1] > 1 for split in (1, 8)]
 
 
 @pytest.mark.parametrize("config", _dv_split_tune_configs(), ids=repr)

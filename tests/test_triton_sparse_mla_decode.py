@@ -83,10 +83,9 @@ def test_configs_with_every_feature(kernel_device, gen, config, heads, dim, d_v)
 
 
 def _dv_split_tune_shapes():
-    from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES
+    from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES, tune_config
 
-    return [MlaConfig(bh, bn, warps, stages, 2, ahead, dv_split)
-            for bh, bn, warps, stages, ahead, dv_split in _TUNE_SHAPES if dv_split > 1]
+    return [tune_config(shape, 2) for shape in _TUNE_SHAPES if shape[-1] > 1]
 
 
 @pytest.mark.parametrize("config", _dv_split_tune_shapes(), ids=repr)

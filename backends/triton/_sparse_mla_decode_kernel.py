@@ -227,7 +227,8 @@ def sparse_mla_decode_kernel(
     dv_cols = tl.arange(0, HALF)
     lo_mask = head_ok[:, None] & (lo_col + dv_cols < d_v)[None, :]
     hi_mask = head_ok[:, None] & (hi_col + dv_cols < d_v)[None, :]
-    # Both d_v halves of a head have the same lse: the first writes it.
+    # Both d_v halves of a head have the same lse: the first writes it. (The comparison is
+    # broadcast over the heads first: a scalar mask term is refused by the interpreter.)
     lse_mask = head_ok & (heads * 0 + lo_col == 0)
     if not PARTIAL:
         out_rows = out_ptr + t64 * out_stride_t + heads[:, None].to(tl.int64) * out_stride_h

@@ -262,8 +262,7 @@ def build_variants(arch: str):
             jobs |= {(dim, has_extra, cfg) for dim in dims for has_extra in extras
                      if not has_extra or any(d == dim and extra for _, d, _, _, extra in BENCH_SHAPES)}
     if arch == "sm90":
-        jobs |= {(dim, has_extra, MlaConfig(bh, bn, warps, stages, split, ahead, dv_split))
-                 for bh, bn, warps, stages, ahead, dv_split in _TUNE_SHAPES for split in (1, 2)
+        jobs |= {(dim, has_extra, tune_config(shape, split)) for shape in _TUNE_SHAPES for split in (1, 2)
                  for dim, has_extra in ((576, False), (512, True))}
     # The split count is a runtime argument of the decode kernel: one build per
     # "partial or not"; the reduce is built per split (its block shapes follow it).
@@ -333,17 +332,24 @@ _TUNE_SHAPES = ((16, 32, 4, 3, False, 1), (16, 64, 4, 2, False, 1),
                 (64, 16, 4, 2, False, 2), (64, 16, 4, 3, False, 2))
 
 
+def tune_config(shape: tuple[int, int, int, int, bool, int], split: int) -> MlaConfig:
+    """The launch of a ``_TUNE_SHAPES`` entry with ``split`` key chunks."""
+    block_h, block_n, warps, stages, ahead, dv_split = shape
+    return MlaConfig(block_h, block_n, warps, stages, split, ahead, dv_split)
+
+
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfig]:
     heads, keys, tokens = regime["heads"], regime["keys"], regime["tokens"]
     cands = []
-    for block_h, block_n, warps, stages, ahead, dv_split in _TUNE_SHAPES:
+    for shape in _TUNE_SHAPES:
+        block_h, block_n, *_, dv_split = shape
         if block_h > max(16, next_power_of_2(heads)):
             continue
         for split in (1, 2, 4, 8, 16, 32, 64):
-            if split > 1 and (keys // split < block_n
-                              or tokens * -(-heads // block_h) * dv_split * split > 4 * device.limits.compute_units):
+            programs = tokens * -(-heads // block_h) * dv_split * split
+            if split > 1 and (keys // split < block_n or programs > 4 * device.limits.compute_units):
                 continue
-            cands.append(MlaConfig(block_h, block_n, warps, stages, split, ahead, dv_split))
+            cands.append(tune_config(shape, split))
     return cands
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from rocmoe import registry
 
@@ -151,8 +154,34 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             return 2
         print(f"tuning {len(regimes)} logged regime(s) of {args.op}: "
               + ", ".join(" ".join(f"{k}={v}" for k, v in r.items()) for r in regimes))
+    keep_from = None
+    if args.where or args.merge:
+        from rocmoe.configs import PACKAGE_DIR, find_table
+        from rocmoe.tune import parse_where, select_regimes
+
+        try:
+            where = parse_where(args.where or [], tuning.spec.regime_keys)
+        except ValueError as exc:
+            print(f"rocmoe tune: {exc}", file=sys.stderr)
+            return 2
+        desc = Device.for_torch_device(device)
+        regimes = select_regimes(regimes or tuning.regimes(), where)
+        if not regimes:
+            print(f"rocmoe tune: no {args.op} regime matches --where {' '.join(args.where)}", file=sys.stderr)
+            return 2
+        if args.merge:
+            out = Path(args.out) if args.out else PACKAGE_DIR / args.op / f"{desc.arch}.json"
+            keep_from = out if out.is_file() else find_table(args.op, desc.arch)
+            if keep_from is None:
+                print(f"rocmoe tune: --merge: no {args.op} table for {desc.arch} to keep entries from",
+                      file=sys.stderr)
+                return 2
+            # Read now: the new table may be written over it.
+            keep_copy = Path(tempfile.mkdtemp()) / keep_from.name
+            shutil.copy(keep_from, keep_copy)
+            keep_from = keep_copy
     path = run_tune(tuning, device, out=args.out, budget_s=args.budget_s, regimes=regimes,
-                    command="rocmoe tune " + " ".join(sys.argv[2:]))
+                    command="rocmoe tune " + " ".join(sys.argv[2:]), keep_from=keep_from)
     print(f"wrote {path}")
     return 0
 
@@ -191,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--from-log", metavar="DIR",
                       help="tune the regimes a ROCMOE_SHAPE_LOG=DIR run recorded (hottest first)")
     tune.add_argument("--max-regimes", type=int, default=16, help="with --from-log: at most this many regimes")
+    tune.add_argument("--where", action="append", metavar="KEY=LO[:HI]",
+                      help="tune only the regimes with KEY in [LO, HI] (repeatable; KEY a key of the op's table, "
+                           "e.g. heads=128 or tokens=8:64; an empty HI is open)")
+    tune.add_argument("--merge", action="store_true",
+                      help="keep the existing table's entries for the regime groups not tuned now")
     tune.set_defaults(fn=_cmd_tune)
 
     check = sub.add_parser("build-check", help="compile every Triton kernel and config for gfx942, gfx950, "

@@ -8,7 +8,8 @@ first checked against the reference, then timed (CUDA-graph replay over
 rotating inputs); the fastest wins. Progress is saved after every measurement
 (``<table>.partial.json``), so an interrupted run resumes where it stopped;
 ``budget_s`` bounds the time, and regimes not reached are left to the
-heuristic.
+heuristic. ``keep_from`` re-tunes part of an existing table: its entries for
+the regime groups (every key but the split key) not measured now are kept.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from rocmoe.configs import PACKAGE_DIR, SCHEMA_VERSION, ConfigSpec
 from rocmoe.device import Device
 
-__all__ = ["Tuning", "TuneInputs", "run_tune", "table_entries"]
+__all__ = ["Tuning", "TuneInputs", "run_tune", "table_entries", "parse_where", "select_regimes", "merge_entries"]
 
 
 @dataclass
@@ -90,10 +91,56 @@ def table_entries(split_key: str, winners: Sequence[tuple[dict[str, int], Any]])
     return entries
 
 
+def parse_where(texts: Sequence[str], keys: Sequence[str]) -> dict[str, tuple[int, int | None]]:
+    """``["heads=128", "tokens=8:64", "tokens=512:"]`` -> inclusive bounds per
+    regime key (an empty upper bound is open); a key the op's table is not
+    indexed by, or a bound that is not an integer, is an error naming it."""
+    bounds: dict[str, tuple[int, int | None]] = {}
+    for text in texts:
+        key, sep, value = text.partition("=")
+        if not sep or key not in keys:
+            raise ValueError(f"--where {text!r}: expected KEY=VALUE or KEY=LO:HI with KEY one of {', '.join(keys)}")
+        lo_text, colon, hi_text = value.partition(":")
+        try:
+            lo = int(lo_text)
+            hi = (int(hi_text) if hi_text else None) if colon else lo
+        except ValueError:
+            raise ValueError(f"--where {text!r}: bounds must be integers") from None
+        if hi is not None and hi < lo:
+            raise ValueError(f"--where {text!r}: empty range (upper bound below lower)")
+        bounds[key] = (lo, hi)
+    return bounds
+
+
+def select_regimes(regimes: Sequence[dict[str, int]], where: dict[str, tuple[int, int | None]]) -> list[dict[str, int]]:
+    """The regimes whose every ``where`` key lies within its bounds."""
+    return [r for r in regimes
+            if all(lo <= r[k] and (hi is None or r[k] <= hi) for k, (lo, hi) in where.items())]
+
+
+def _group(when: dict[str, Any], split_key: str) -> tuple:
+    return tuple(sorted((k, tuple(v)) for k, v in when.items() if k != split_key))
+
+
+def merge_entries(old_entries: Sequence[dict[str, Any]], new_entries: Sequence[dict[str, Any]],
+                  split_key: str) -> tuple[list[dict[str, Any]], int]:
+    """New entries plus the old ones of every regime group (the exact keys,
+    all but ``split_key``) the new ones do not cover; a group is replaced
+    whole, so split-key buckets of two runs never interleave. The new entries
+    come first: the lookup takes the first match, so an old entry with wider
+    bounds cannot shadow them. Returns the entries and how many old ones were
+    kept."""
+    tuned = {_group(e["when"], split_key) for e in new_entries}
+    kept = [e for e in old_entries if _group(e["when"], split_key) not in tuned]
+    return [*new_entries, *kept], len(kept)
+
+
 def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, budget_s: float = 600.0,
              regimes: list[dict[str, int]] | None = None, command: str = "rocmoe tune",
-             progress: bool = True, seed: int = 0) -> Path:
-    """Sweep, pick, write the table; returns its path."""
+             progress: bool = True, seed: int = 0, keep_from: Path | None = None) -> Path:
+    """Sweep, pick, write the table; returns its path. With ``keep_from`` (an
+    existing table of this op and arch) its entries for regime groups not
+    tuned now are carried into the new table (see merge_entries)."""
     desc = Device.for_torch_device(device)
     spec = tuning.spec
     out = Path(out) if out else PACKAGE_DIR / spec.op / f"{desc.arch}.json"
@@ -153,6 +200,17 @@ def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, b
         raise RuntimeError(f"no candidate of {spec.op} was measured successfully on {desc.arch}")
     import rocmoe
 
+    entries = table_entries(tuning.split_key, winners)
+    kept_note = {}
+    if keep_from is not None:
+        from rocmoe.configs import load_table
+
+        load_table(keep_from, spec)  # a malformed or foreign table is an error naming the file, not merged
+        old = json.loads(Path(keep_from).read_text())
+        if old.get("arch") != desc.arch:
+            raise ValueError(f"keep_from {keep_from} is a table for {old.get('arch')}, not {desc.arch}")
+        entries, kept = merge_entries(old["entries"], entries, tuning.split_key)
+        kept_note = {"kept_entries": kept, "kept_from": old["provenance"]}
     table = {
         "schema_version": SCHEMA_VERSION,
         "op": spec.op,
@@ -166,9 +224,10 @@ def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, b
                          "triton": _triton_version()},
             "regimes_measured": len(winners),
             "regimes_planned": len(regimes),
+            **kept_note,
         },
         "keys": list(spec.regime_keys),
-        "entries": table_entries(tuning.split_key, winners),
+        "entries": entries,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=2) + "\n")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from rocmoe import configs
 from rocmoe.backends.triton.gemma4_routing import SPEC, TUNING, RoutingConfig
 from rocmoe.device import Device
@@ -97,3 +99,56 @@ def test_heuristic_programs_cover_their_threads():
                     config = SPEC.heuristic(device)({"tokens": tokens, "experts": experts, "logit_bits": bits})
                     layout = kernel_layout(dtype, config, 8, experts)
                     assert program_tokens(config, layout, device.limits.warp_size) == config.BLOCK_T, (arch, config)
+
+
+def test_where_bounds_parse_and_select():
+    from rocmoe.tune import parse_where, select_regimes
+
+    keys = ("tokens", "heads")
+    assert parse_where(["heads=128", "tokens=8:64", "tokens=512:"], keys) == {"heads": (128, 128),
+                                                                             "tokens": (512, None)}
+    regimes = [{"tokens": t, "heads": h} for t in (1, 8, 64, 512) for h in (16, 128)]
+    assert select_regimes(regimes, parse_where(["heads=128", "tokens=8:64"], keys)) == [
+        {"tokens": 8, "heads": 128}, {"tokens": 64, "heads": 128}]
+    assert select_regimes(regimes, {}) == regimes
+    for bad, named in (("experts=4", "experts=4"), ("heads", "heads"), ("heads=x", "integers"),
+                       ("tokens=64:8", "empty range")):
+        with pytest.raises(ValueError, match=named):
+            parse_where([bad], keys)
+
+
+def test_merge_replaces_whole_groups_and_puts_new_entries_first():
+    from rocmoe.tune import merge_entries
+
+    def entry(lo, hi, heads, block):
+        return {"when": {"tokens": [lo, hi], "heads": [heads, heads]}, "config": {"B": block}}
+
+    old = [entry(1, 8, 16, 1), entry(9, None, 16, 2), entry(1, 20, 128, 3), entry(21, None, 128, 4)]
+    new = [entry(1, 90, 128, 5), entry(91, None, 128, 6)]
+    merged, kept = merge_entries(old, new, "tokens")
+    assert kept == 2
+    assert [e["config"]["B"] for e in merged] == [5, 6, 1, 2]
+
+
+def test_tune_keeps_the_untuned_groups_of_an_existing_table(tmp_path, kernel_device):
+    arch = Device.for_torch_device(kernel_device).arch
+    out = tmp_path / "gemma4_routing" / f"{arch}.json"
+    first = [RoutingConfig(1, 1, 32)]
+    tuning = Tuning(TUNING.spec, TUNING.regimes, lambda regime, device: first, TUNING.make_inputs, "tokens")
+    both = [{"tokens": 4, "experts": 64, "logit_bits": 32}, {"tokens": 4, "experts": 128, "logit_bits": 32}]
+    run_tune(tuning, kernel_device, out=out, regimes=both, progress=False, command="first")
+    second = [RoutingConfig(2, 1, 16)]
+    tuning = Tuning(TUNING.spec, TUNING.regimes, lambda regime, device: second, TUNING.make_inputs, "tokens")
+    keep = tmp_path / "old" / f"{arch}.json"  # a table's file is named for its arch
+    keep.parent.mkdir()
+    keep.write_text(out.read_text())
+    run_tune(tuning, kernel_device, out=out, regimes=both[1:], progress=False, keep_from=keep, command="second")
+    table = json.loads(out.read_text())
+    by_experts = {e["when"]["experts"][0]: RoutingConfig(**e["config"]) for e in table["entries"]}
+    assert by_experts == {64: first[0], 128: second[0]} and len(table["entries"]) == 2
+    assert table["provenance"]["kept_entries"] == 1 and table["provenance"]["kept_from"]["command"] == "first"
+    configs.load_table(out, SPEC)
+    wrong_arch = json.loads(keep.read_text()) | {"arch": "gfx1"}
+    keep.write_text(json.dumps(wrong_arch))
+    with pytest.raises(configs.ConfigTableError, match="arch"):
+        run_tune(tuning, kernel_device, out=out, regimes=both[1:], progress=False, keep_from=keep)

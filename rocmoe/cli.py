@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -181,7 +182,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             shutil.copy(keep_from, keep_copy)
             keep_from = keep_copy
     path = run_tune(tuning, device, out=args.out, budget_s=args.budget_s, regimes=regimes,
-                    command="rocmoe tune " + " ".join(sys.argv[2:]), keep_from=keep_from)
+                    command="rocmoe tune " + " ".join(sys.argv[2:]), keep_from=keep_from,
+                    compile_workers=(os.cpu_count() or 1) if args.compile_jobs is None else args.compile_jobs)
     print(f"wrote {path}")
     return 0
 
@@ -223,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--where", action="append", metavar="KEY=LO[:HI]",
                       help="tune only the regimes with KEY in [LO, HI] (repeatable; KEY a key of the op's table, "
                            "e.g. heads=128 or tokens=8:64; an empty HI is open)")
+    tune.add_argument("--compile-jobs", type=int, default=None,
+                      help="compile the candidates first in this many processes (default: the CPU count; 0: "
+                           "let the sweep compile each as it reaches it)")
     tune.add_argument("--merge", action="store_true",
                       help="keep the existing table's entries for the regime groups not tuned now")
     tune.set_defaults(fn=_cmd_tune)

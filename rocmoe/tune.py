@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,10 @@ class Tuning:
     #: a shape recorded by ROCMOE_SHAPE_LOG -> the regime to tune on ``device``
     #: (None: not tunable); by default the shape's values of the spec's regime keys
     regime_of_shape: Callable[[dict[str, Any], Device], dict[str, int] | None] | None = None
+    #: ``meta_launch(regime, params)``: the candidate's launch on meta tensors of
+    #: the regime's shapes (the same specialisations as make_inputs' tensors),
+    #: so candidates can be compiled ahead, in parallel (see compile_ahead)
+    meta_launch: Callable[[dict[str, int], Any], None] | None = None
 
     def project(self, shape: dict[str, Any], device: Device) -> dict[str, int] | None:
         if self.regime_of_shape is not None:
@@ -70,6 +75,58 @@ def _time(inputs: TuneInputs, params: Any, device: torch.device) -> float:
     if device.type == "cuda":
         return time_graph(calls, device, reps=10)
     return time_host(calls[0], device, reps=3, budget_s=0.5)
+
+
+def _compile_share(op: str, arch: str, compute_units: int, cache_dir: str,
+                   jobs: list[tuple[dict[str, int], Any]]) -> list[str]:
+    """One worker of compile_ahead: compile ``jobs`` for ``arch`` into
+    ``cache_dir``; returns one line per candidate that did not compile (the
+    sweep reports it again when it gets there)."""
+    import importlib
+
+    from rocmoe.precompile import compiling_for
+
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    tuning = importlib.import_module(f"rocmoe.backends.triton.{op}").TUNING
+    failed = []
+    with compiling_for(arch, compute_units):
+        for regime, params in jobs:
+            try:
+                tuning.meta_launch(regime, params)
+            except Exception as exc:  # reported, and measured as failing, by the sweep itself
+                failed.append(f"{regime} {params}: {type(exc).__name__}: {str(exc)[:120]}")
+    return failed
+
+
+def compile_ahead(tuning: Tuning, jobs: Sequence[tuple[dict[str, int], Any]], device: Device, workers: int,
+                  cache_dir: str | None = None) -> tuple[int, list[str]]:
+    """Compile every (regime, candidate) of ``jobs`` for ``device`` into the
+    Triton cache in ``workers`` processes, so the sweep, which compiles one
+    kernel at a time and waits for each, finds them built. Returns the number
+    of launches compiled and the lines of those that failed."""
+    import concurrent.futures as futures
+    import multiprocessing
+
+    from rocmoe.precompile import compiling_worker_init, default_cache_dir
+
+    if tuning.meta_launch is None or not jobs:
+        return 0, []
+    cache_dir = os.path.abspath(cache_dir or default_cache_dir())
+    # The split key (token count) sizes grids, not kernels: a candidate is
+    # compiled once, at the first regime that differs from others only there.
+    unique: dict[str, tuple[dict[str, int], Any]] = {}
+    for regime, params in jobs:
+        rest = {k: v for k, v in regime.items() if k != tuning.split_key}
+        unique.setdefault(json.dumps([rest, dataclasses.asdict(params)], sort_keys=True), (regime, params))
+    shares: list[list[tuple[dict[str, int], Any]]] = [[] for _ in range(max(1, min(workers, len(unique))))]
+    for i, job in enumerate(unique.values()):
+        shares[i % len(shares)].append(job)
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(len(shares), mp_context=context, initializer=compiling_worker_init) as pool:
+        done = [pool.submit(_compile_share, tuning.spec.op, device.arch, device.limits.compute_units, cache_dir,
+                            share) for share in shares]
+        failed = [line for d in done for line in d.result()]
+    return len(unique), failed
 
 
 def table_entries(split_key: str, winners: Sequence[tuple[dict[str, int], Any]]) -> list[dict[str, Any]]:
@@ -137,10 +194,13 @@ def merge_entries(old_entries: Sequence[dict[str, Any]], new_entries: Sequence[d
 
 def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, budget_s: float = 600.0,
              regimes: list[dict[str, int]] | None = None, command: str = "rocmoe tune",
-             progress: bool = True, seed: int = 0, keep_from: Path | None = None) -> Path:
+             progress: bool = True, seed: int = 0, keep_from: Path | None = None,
+             compile_workers: int = 0) -> Path:
     """Sweep, pick, write the table; returns its path. With ``keep_from`` (an
     existing table of this op and arch) its entries for regime groups not
-    tuned now are carried into the new table (see merge_entries)."""
+    tuned now are carried into the new table (see merge_entries). With
+    ``compile_workers`` (on a GPU) the candidates not yet measured are first
+    compiled in that many processes (see compile_ahead)."""
     desc = Device.for_torch_device(device)
     spec = tuning.spec
     out = Path(out) if out else PACKAGE_DIR / spec.op / f"{desc.arch}.json"
@@ -151,6 +211,13 @@ def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, b
     regimes = regimes or tuning.regimes()
     jobs = [(r, c) for r in regimes for c in tuning.candidates(r, desc)]
     started = time.monotonic()
+    if compile_workers > 0 and device.type == "cuda" and tuning.meta_launch is not None:
+        todo = [(r, c) for r, c in jobs
+                if json.dumps([r, dataclasses.asdict(c)], sort_keys=True) not in state["measured"]]
+        compiled, failed = compile_ahead(tuning, todo, desc, compile_workers)
+        if progress:
+            print(f"compiled {compiled} candidate launches in {compile_workers} processes in "
+                  f"{time.monotonic() - started:.0f} s ({len(failed)} failed: the sweep reports them)")
     progress_cm = None
     if progress:
         from rich.progress import Progress

@@ -152,3 +152,22 @@ def test_tune_keeps_the_untuned_groups_of_an_existing_table(tmp_path, kernel_dev
     keep.write_text(json.dumps(wrong_arch))
     with pytest.raises(configs.ConfigTableError, match="arch"):
         run_tune(tuning, kernel_device, out=out, regimes=both[1:], progress=False, keep_from=keep)
+
+
+def test_compile_ahead_fills_the_cache_and_reports_what_fails(tmp_path):
+    # The MLA tuner's candidates compiled for sm90 on this CPU (no GPU): one worker per share, each
+    # candidate once however many token counts it is tuned at; a launch the kernel refuses is reported.
+    import dataclasses
+
+    from rocmoe.backends.triton.sparse_mla_decode import TUNING, MlaConfig
+    from rocmoe.tune import compile_ahead
+
+    device = Device.from_arch("sm90")
+    regime = {"tokens": 8, "heads": 16, "keys": 2048, "head_dim": 576, "compute_units": 132}
+    good = MlaConfig(16, 32, 4, 3, 1, False, 1)
+    bad = dataclasses.replace(good, BLOCK_N=24)  # not a power of two: tl.arange refuses it
+    jobs = [(regime, good), ({**regime, "tokens": 64}, good), (regime, bad)]
+    compiled, failed = compile_ahead(TUNING, jobs, device, workers=2, cache_dir=str(tmp_path))
+    assert compiled == 2
+    assert len(failed) == 1 and "BLOCK_N=24" in failed[0]
+    assert any(p.suffix == ".cubin" for p in tmp_path.rglob("*"))

@@ -359,12 +359,7 @@ def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Gen
     from rocmoe.bench.timing import rotating_sets
     from rocmoe.tune import TuneInputs
 
-    name = next((n for n, dim, _, topk, extra in BENCH_SHAPES
-                 if (dim, topk + extra) == (regime["head_dim"], regime["keys"])), None)
-    if name is None:
-        raise ValueError(f"sparse_mla_decode tuning has inputs only for the benchmark models' (D, keys); "
-                         f"got D={regime['head_dim']}, keys={regime['keys']}")
-    case = mla_case(name, regime["heads"], regime["tokens"])
+    case = mla_case(_bench_model(regime), regime["heads"], regime["tokens"])
     sets = rotating_sets(device, case.set_bytes)
     inputs = [case.make_inputs(device, gen) for _ in range(sets)]
     outputs = [case.make_outputs(inp) for inp in inputs]
@@ -392,6 +387,30 @@ def _tune_inputs(regime: Mapping[str, int], device: torch.device, gen: torch.Gen
     return TuneInputs(sets, run, check)
 
 
+def _bench_model(regime: Mapping[str, int]) -> str:
+    name = next((n for n, dim, _, topk, extra in BENCH_SHAPES
+                 if (dim, topk + extra) == (regime["head_dim"], regime["keys"])), None)
+    if name is None:
+        raise ValueError(f"sparse_mla_decode tuning has inputs only for the benchmark models' (D, keys); "
+                         f"got D={regime['head_dim']}, keys={regime['keys']}")
+    return name
+
+
+def _tune_meta_launch(regime: Mapping[str, int], params: MlaConfig) -> None:
+    """The tuner's launch of ``params`` on meta tensors shaped as _tune_inputs' (for compile_ahead)."""
+    from rocmoe.bench.cases import mla_shapes
+
+    name = _bench_model(regime)
+    shapes = mla_shapes(name, regime["heads"], regime["tokens"])
+    meta = {k: torch.empty(shape, dtype=torch.int32 if k.endswith("indices") else torch.bfloat16, device="meta")
+            for k, shape in shapes.items()}
+    tokens, heads, dim = shapes["q"]
+    out = torch.empty(tokens, heads, 512, dtype=torch.bfloat16, device="meta")
+    lse = torch.empty(tokens, heads, dtype=torch.float32, device="meta")
+    launch(meta["q"], meta["cache"], meta["indices"], dim ** -0.5, 512, None, None, meta.get("extra_cache"),
+           meta.get("extra_indices"), None, out, lse, params)
+
+
 def _tuning():
     from rocmoe.tune import Tuning
 
@@ -405,7 +424,7 @@ def _tuning():
                        shape["head_dim"])
 
     return Tuning(SPEC, regimes=regimes, candidates=_tune_candidates, make_inputs=_tune_inputs, split_key="tokens",
-                  regime_of_shape=regime_of_shape)
+                  regime_of_shape=regime_of_shape, meta_launch=_tune_meta_launch)
 
 
 TUNING = _tuning()

@@ -24,8 +24,9 @@ from rocmoe.ops import (
     sparse_topk as topk_op,
 )
 
-__all__ = ["BenchCase", "Check", "MODELS", "cases_for", "routing_case", "moe_case", "mla_case", "topk_case",
-           "routing_bytes", "moe_bytes", "moe_flops", "mla_bytes", "mla_flops", "topk_bytes", "random_mxfp4_weights"]
+__all__ = ["BenchCase", "Check", "MODELS", "cases_for", "routing_case", "moe_case", "mla_case", "mla_shapes",
+           "topk_case", "routing_bytes", "moe_bytes", "moe_flops", "mla_bytes", "mla_flops", "topk_bytes",
+           "random_mxfp4_weights"]
 
 Inputs = dict[str, Any]
 
@@ -325,27 +326,40 @@ def moe_case(model_name: str, tokens: int) -> BenchCase:
 # --------------------------------------------------------------------------
 # sparse_mla_decode
 
+def mla_shapes(model_name: str, heads: int, tokens: int, block_size: int = 64) -> dict[str, tuple[int, ...]]:
+    """The shapes of an MLA benchmark case's inputs (q, cache, indices, and
+    for V4 extra_cache, extra_indices): each query's keys live in a cache
+    region of their own, twice its top-k, so no query reuses another's rows
+    from L2. bf16 tensors, int32 index lists."""
+    m = MLA_MODELS[model_name]
+    blocks_per_query = -(-m.topk // block_size) * 2
+    shapes = {"q": (tokens, heads, m.dim), "cache": (tokens * blocks_per_query, block_size, m.dim),
+              "indices": (tokens, m.topk)}
+    if m.extra:
+        shapes |= {"extra_cache": (-(-m.extra // block_size) * tokens, block_size, m.dim),
+                   "extra_indices": (tokens, m.extra)}
+    return shapes
+
+
 def mla_case(model_name: str, heads: int, tokens: int, block_size: int = 64) -> BenchCase:
     m = MLA_MODELS[model_name]
     d_v = 512  # SPEC §3: V3.2 reads V from the first 512 of 576 columns; V4 from the whole 512-wide row
     keys = m.topk + m.extra
     scale = 1.0 / math.sqrt(m.dim)
+    shapes = mla_shapes(model_name, heads, tokens, block_size)
 
     def make_inputs(device, gen):
-        # Each query's keys live in a region of their own (no cross-query L2 reuse).
-        blocks_per_query = -(-m.topk // block_size) * 2
-        region = blocks_per_query * block_size
-        cache = torch.randn(tokens * blocks_per_query, block_size, m.dim, generator=gen).to(torch.bfloat16)
+        region = shapes["cache"][0] // tokens * block_size
+        cache = torch.randn(shapes["cache"], generator=gen).to(torch.bfloat16)
         picks = torch.rand(tokens, region, generator=gen).argsort(dim=1)[:, : m.topk]
         indices = (picks + torch.arange(tokens)[:, None] * region).int()
-        inp = {"q": torch.randn(tokens, heads, m.dim, generator=gen).to(torch.bfloat16).to(device),
+        inp = {"q": torch.randn(shapes["q"], generator=gen).to(torch.bfloat16).to(device),
                "cache": cache.to(device), "indices": indices.to(device)}
         if m.extra:
-            extra_blocks = -(-m.extra // block_size) * tokens
-            extra_cache = torch.randn(extra_blocks, block_size, m.dim, generator=gen).to(torch.bfloat16)
+            extra_cache = torch.randn(shapes["extra_cache"], generator=gen).to(torch.bfloat16)
             inp["extra_cache"] = extra_cache.to(device)
             inp["extra_indices"] = (torch.arange(m.extra)[None, :] + torch.arange(tokens)[:, None]
-                                    * (extra_blocks // tokens) * block_size).int().to(device)
+                                    * (shapes["extra_cache"][0] // tokens) * block_size).int().to(device)
         return inp
 
     def make_outputs(inp):

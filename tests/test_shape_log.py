@@ -118,14 +118,15 @@ def test_tune_from_log_tunes_the_logged_regimes(log_dir, monkeypatch, capsys):
     shape_log.flush()
     seen = {}
 
-    def fake_run_tune(tuning, device, *, out, budget_s, regimes, command):
-        seen["regimes"] = regimes
+    def fake_run_tune(tuning, device, *, out, budget_s, regimes, command, **options):
+        seen["regimes"], seen["options"] = regimes, options
         return log_dir / "table.json"
 
     monkeypatch.setattr("rocmoe.tune.run_tune", fake_run_tune)
     assert cli.main(["tune", "--op", "gemma4_routing", "--from-log", str(log_dir), "--device", "cpu"]) == 0
     assert seen["regimes"] == [{"tokens": 4, "experts": 128, "logit_bits": 32},
                                {"tokens": 256, "experts": 128, "logit_bits": 32}]
+    assert seen["options"]["keep_from"] is None  # the logged regimes' table replaces the file unless --merge
     assert "tuning 2 logged regime(s)" in capsys.readouterr().out
 
 

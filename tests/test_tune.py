@@ -171,3 +171,26 @@ def test_compile_ahead_fills_the_cache_and_reports_what_fails(tmp_path):
     assert compiled == 2
     assert len(failed) == 1 and "BLOCK_N=24" in failed[0]
     assert any(p.suffix == ".cubin" for p in tmp_path.rglob("*"))
+
+
+def test_cli_where_and_merge_pass_the_regimes_and_a_copy_of_the_table(tmp_path, monkeypatch, capsys):
+    from rocmoe import cli
+
+    seen = {}
+
+    def fake_run_tune(tuning, device, *, out, budget_s, regimes, command, keep_from, compile_workers):
+        seen.update(regimes=regimes, keep=keep_from.read_text(), workers=compile_workers)
+        return tmp_path / "table.json"
+
+    monkeypatch.setattr("rocmoe.tune.run_tune", fake_run_tune)
+    out = tmp_path / "sparse_mla_decode" / "cpu.json"  # --device cpu: the table of arch "cpu"
+    args = ["tune", "--op", "sparse_mla_decode", "--device", "cpu", "--where", "heads=128", "--where", "tokens=8:64",
+            "--merge", "--compile-jobs", "3", "--out", str(out)]
+    assert cli.main(args) == 2 and "no sparse_mla_decode table for cpu" in capsys.readouterr().err
+    out.parent.mkdir()
+    out.write_text('{"the table": "kept"}')
+    assert cli.main(args) == 0
+    assert {(r["tokens"], r["heads"]) for r in seen["regimes"]} == {(8, 128), (64, 128)}
+    assert seen["keep"] == '{"the table": "kept"}' and seen["workers"] == 3
+    none = ["tune", "--op", "sparse_mla_decode", "--device", "cpu", "--where", "heads=3"]
+    assert cli.main(none) == 2 and "no sparse_mla_decode regime" in capsys.readouterr().err

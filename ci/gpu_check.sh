@@ -3,6 +3,9 @@
 #   bash ci/gpu_check.sh tests [PATHS]  the test suite with GPU tests (Triton kernels compiled), then
 #                                   compute-sanitizer memcheck over the Triton kernels
 #   bash ci/gpu_check.sh tune OP    rocmoe tune for OP, table written under $OUT/configs/
+#   bash ci/gpu_check.sh retune OP [TUNE ARGS]  rocmoe tune for OP into $OUT/configs/, then in the same
+#                                   call rocmoe bench of OP with that table (triton, torch) and with the
+#                                   installed one (triton), and ci/bench_compare.py of the two
 #   bash ci/gpu_check.sh bench ARGS rocmoe bench ARGS, JSON/markdown/plot under $OUT
 #   bash ci/gpu_check.sh firstcall DIR  first-call latency per op in fresh processes, with an empty
 #                                   Triton cache and with a copy of DIR (made by rocmoe precompile)
@@ -39,6 +42,16 @@ case "$what" in
     arch=$(python3 -c "import rocmoe; print(rocmoe.Device.current().arch)")
     rocmoe tune --op "$op" --out "$OUT/configs/$op/$arch.json" "$@" 2>&1 | tail -5
     cat "$OUT/configs/$op/$arch.json"
+    ;;
+  retune)
+    op=$1; shift
+    arch=$(python3 -c "import rocmoe; print(rocmoe.Device.current().arch)")
+    rocmoe tune --op "$op" --out "$OUT/configs/$op/$arch.json" "$@" 2>&1 | grep -v "━" | tail -3
+    ROCMOE_CONFIG_DIR=$OUT/configs rocmoe bench --op "$op" --backend triton,torch --json "$OUT/bench_new.json" \
+      2>&1 | grep -v -i warn > "$OUT/bench_new.txt"
+    rocmoe bench --op "$op" --backend triton --json "$OUT/bench_previous.json" 2>&1 | grep -v -i warn \
+      > "$OUT/bench_previous.txt"
+    python3 "$repo/ci/bench_compare.py" "$OUT/bench_previous.json" "$OUT/bench_new.json" | tee "$OUT/compare.md"
     ;;
   firstcall)
     cache=$repo/${1:?usage: gpu_check.sh firstcall PRECOMPILED_CACHE_DIR}

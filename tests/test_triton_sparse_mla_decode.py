@@ -141,7 +141,7 @@ def test_heuristic_fills_the_device_at_small_batch(arch):
             return choose({"tokens": tokens, "heads": heads, "keys": keys, "head_dim": 576, "compute_units": units})
 
         small = config(1)
-        programs = -(-heads // small.BLOCK_H) * small.SPLIT
+        programs = -(-heads // small.BLOCK_H) * small.DV_SPLIT * small.SPLIT
         assert programs >= min(units, keys // (2 * small.BLOCK_N)), (heads, keys, small)
         assert config(512).SPLIT == 1  # a full batch fills the device without a reduce
 
@@ -162,7 +162,9 @@ def test_sm90_heuristic_and_table_use_probed_shapes():
               for t in (1, 8, 64, 512) for h in (16, 64, 128)}
     shapes |= {shape(c) for _, c in SPEC.table("sm90").entries}
     assert shapes <= set(_TUNE_SHAPES), shapes - set(_TUNE_SHAPES)
-    assert choose({"tokens": 64, "heads": 128, "keys": 2048, "head_dim": 576, "compute_units": 132}).BLOCK_H == 64
+    wide = choose({"tokens": 64, "heads": 128, "keys": 2048, "head_dim": 576, "compute_units": 114})
+    assert (wide.BLOCK_H, wide.DV_SPLIT) == (128, 2)  # an H100 PCIe: what the 132-SM table picked at H = 128
+    assert choose({"tokens": 64, "heads": 64, "keys": 640, "head_dim": 512, "compute_units": 114}).BLOCK_H == 64
 
 
 def test_sm90_launches_come_from_the_measured_table():

@@ -100,21 +100,27 @@ def _nvidia_heuristic(regime: Mapping[str, int]) -> MlaConfig:
 
 
 def _hopper_heuristic(regime: Mapping[str, int]) -> MlaConfig:
-    """sm90, from sweeps on the H100 (``ci/mla_sweep.py``): with 64 heads or
-    more, 64-head blocks on eight warps (wgmma; the fp32 [64, 512]
-    accumulator takes 128 registers a thread) and 32 keys per step in a
-    double-buffered cp.async pipeline - one program fills an SM (255
-    registers, 148 KB of shared memory), so the split aims at one program per
-    SM. Fewer heads: 16-head blocks, four warps, 64 keys, two stages (two
+    """sm90 parts without a measured table (another SM count than the
+    H100 SXM's 132), from the H100's sweeps and tables: with 128 heads or
+    more, 128-head blocks with d_v in two programs (each warpgroup issues the
+    score dot for its own 64 heads; the tuner's pick at H = 128 from T = 23,
+    1.13-1.22x the 64-head blocks on the H100); with 64, 64-head blocks on
+    eight warps (wgmma; the fp32 [64, 512] accumulator takes 128 registers a
+    thread). Both take 32 keys per step in a double-buffered cp.async
+    pipeline, and one program fills an SM, so the split aims at one program
+    per SM. Fewer heads: 16-head blocks, four warps, 64 keys, two stages (two
     programs per SM). Larger steps or deeper pipelines at 64 heads spill."""
     heads = regime["heads"]
-    if heads >= 64:
+    dv_split = 1
+    if heads >= 128:
+        block_h, block_n, warps, stages, waves, dv_split = 128, 32, 8, 2, 1, 2
+    elif heads >= 64:
         block_h, block_n, warps, stages, waves = 64, 32, 8, 2, 1
     else:
         block_h, block_n, warps, stages, waves = 16, 64, 4, 2, 2
-    split = _split_for(regime["tokens"], -(-heads // block_h), regime["keys"], block_n, regime["compute_units"],
-                       waves)
-    return MlaConfig(block_h, block_n, warps, stages, split)
+    split = _split_for(regime["tokens"], -(-heads // block_h) * dv_split, regime["keys"], block_n,
+                       regime["compute_units"], waves)
+    return MlaConfig(block_h, block_n, warps, stages, split, DV_SPLIT=dv_split)
 
 
 def _cdna_heuristic(regime: Mapping[str, int]) -> MlaConfig:

@@ -179,6 +179,11 @@ def _group(when: dict[str, Any], split_key: str) -> tuple:
     return tuple(sorted((k, tuple(v)) for k, v in when.items() if k != split_key))
 
 
+def _regime_group(regime: dict[str, int], split_key: str) -> tuple:
+    """The group of a regime, as _group names a table entry's."""
+    return _group({k: [v, v] for k, v in regime.items()}, split_key)
+
+
 def merge_entries(old_entries: Sequence[dict[str, Any]], new_entries: Sequence[dict[str, Any]],
                   split_key: str) -> tuple[list[dict[str, Any]], int]:
     """New entries plus the old ones of every regime group (the exact keys,
@@ -267,7 +272,6 @@ def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, b
         raise RuntimeError(f"no candidate of {spec.op} was measured successfully on {desc.arch}")
     import rocmoe
 
-    entries = table_entries(tuning.split_key, winners)
     kept_note = {}
     if keep_from is not None:
         from rocmoe.configs import load_table
@@ -276,8 +280,19 @@ def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, b
         old = json.loads(Path(keep_from).read_text())
         if old.get("arch") != desc.arch:
             raise ValueError(f"keep_from {keep_from} is a table for {old.get('arch')}, not {desc.arch}")
-        entries, kept = merge_entries(old["entries"], entries, tuning.split_key)
-        kept_note = {"kept_entries": kept, "kept_from": old["provenance"]}
+        # A group the budget cut short keeps its old entries whole: its new
+        # buckets would stretch the measured token counts over the unmeasured
+        # ones. Its measurements stay in the partial file for a resumed run.
+        won = {json.dumps(r, sort_keys=True) for r, _ in winners}
+        short = {_regime_group(r, tuning.split_key) for r in regimes if json.dumps(r, sort_keys=True) not in won}
+        winners = [(r, p) for r, p in winners if _regime_group(r, tuning.split_key) not in short]
+        if not winners:
+            raise RuntimeError(f"the budget ended before any regime group of {spec.op} was measured whole; run the "
+                               f"same command again to resume from {partial_path}")
+        entries, kept = merge_entries(old["entries"], table_entries(tuning.split_key, winners), tuning.split_key)
+        kept_note = {"kept_entries": kept, "kept_from": old["provenance"], "groups_cut_short": len(short)}
+    else:
+        entries = table_entries(tuning.split_key, winners)
     table = {
         "schema_version": SCHEMA_VERSION,
         "op": spec.op,

@@ -194,3 +194,26 @@ def test_cli_where_and_merge_pass_the_regimes_and_a_copy_of_the_table(tmp_path, 
     assert seen["keep"] == '{"the table": "kept"}' and seen["workers"] == 3
     none = ["tune", "--op", "sparse_mla_decode", "--device", "cpu", "--where", "heads=3"]
     assert cli.main(none) == 2 and "no sparse_mla_decode regime" in capsys.readouterr().err
+
+
+def test_merge_keeps_the_old_entries_of_a_group_the_budget_cut_short(tmp_path, kernel_device):
+    arch = Device.for_torch_device(kernel_device).arch
+    out = tmp_path / "gemma4_routing" / f"{arch}.json"
+    first, second = [RoutingConfig(1, 1, 32)], [RoutingConfig(2, 1, 16)]
+    small = {"tokens": 4, "experts": 64, "logit_bits": 32}
+    wide = [{"tokens": 4, "experts": 128, "logit_bits": 32}, {"tokens": 64, "experts": 128, "logit_bits": 32}]
+    tuning = Tuning(TUNING.spec, TUNING.regimes, lambda regime, device: first, TUNING.make_inputs, "tokens")
+    run_tune(tuning, kernel_device, out=out, regimes=[small, wide[0]], progress=False, command="first")
+    keep = tmp_path / "old" / f"{arch}.json"
+    keep.parent.mkdir()
+    keep.write_text(out.read_text())
+    tuning = Tuning(TUNING.spec, TUNING.regimes, lambda regime, device: second, TUNING.make_inputs, "tokens")
+    # A zero budget measures one candidate: the 64-expert group whole, none of the 128-expert one.
+    run_tune(tuning, kernel_device, out=out, regimes=[small, *wide], budget_s=0.0, progress=False, keep_from=keep)
+    table = json.loads(out.read_text())
+    by_experts = {e["when"]["experts"][0]: RoutingConfig(**e["config"]) for e in table["entries"]}
+    assert by_experts == {64: second[0], 128: first[0]} and table["provenance"]["groups_cut_short"] == 1
+    assert out.with_name(out.name + ".partial.json").exists()  # for the resumed run
+    other = tmp_path / "other" / "gemma4_routing" / f"{arch}.json"
+    with pytest.raises(RuntimeError, match="resume"):
+        run_tune(tuning, kernel_device, out=other, regimes=wide, budget_s=0.0, progress=False, keep_from=keep)

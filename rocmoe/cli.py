@@ -168,7 +168,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         desc = Device.for_torch_device(device)
         regimes = select_regimes(regimes or tuning.regimes(), where)
         if not regimes:
-            print(f"rocmoe tune: no {args.op} regime matches --where {' '.join(args.where)}", file=sys.stderr)
+            print(f"rocmoe tune: no {args.op} regime matches --where {' '.join(args.where or [])}", file=sys.stderr)
             return 2
         if args.merge:
             out = Path(args.out) if args.out else PACKAGE_DIR / args.op / f"{desc.arch}.json"

@@ -157,8 +157,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
               + ", ".join(" ".join(f"{k}={v}" for k, v in r.items()) for r in regimes))
     keep_from = None
     if args.where or args.merge:
-        from rocmoe.configs import PACKAGE_DIR, find_table
-        from rocmoe.tune import parse_where, select_regimes
+        from rocmoe.configs import find_table
+        from rocmoe.tune import parse_where, select_regimes, table_path
 
         try:
             where = parse_where(args.where or [], tuning.spec.regime_keys)
@@ -171,7 +171,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             print(f"rocmoe tune: no {args.op} regime matches --where {' '.join(args.where or [])}", file=sys.stderr)
             return 2
         if args.merge:
-            out = Path(args.out) if args.out else PACKAGE_DIR / args.op / f"{desc.arch}.json"
+            out = table_path(args.op, desc.arch, args.out)
             keep_from = out if out.is_file() else find_table(args.op, desc.arch)
             if keep_from is None:
                 print(f"rocmoe tune: --merge: no {args.op} table for {desc.arch} to keep entries from",

@@ -77,6 +77,16 @@ def _time(inputs: TuneInputs, params: Any, device: torch.device) -> float:
     return time_host(calls[0], device, reps=3, budget_s=0.5)
 
 
+def _job_key(regime: dict[str, int], params: Any) -> str:
+    """A (regime, candidate) pair as the partial file keys its measurement."""
+    return json.dumps([regime, dataclasses.asdict(params)], sort_keys=True)
+
+
+def table_path(op: str, arch: str, out: Path | str | None = None) -> Path:
+    """Where ``rocmoe tune`` writes the table of (op, arch): ``out``, else the package's."""
+    return Path(out) if out else PACKAGE_DIR / op / f"{arch}.json"
+
+
 def _compile_share(op: str, arch: str, compute_units: int, cache_dir: str,
                    jobs: list[tuple[dict[str, int], Any]]) -> list[str]:
     """One worker of compile_ahead: compile ``jobs`` for ``arch`` into
@@ -117,7 +127,7 @@ def compile_ahead(tuning: Tuning, jobs: Sequence[tuple[dict[str, int], Any]], de
     unique: dict[str, tuple[dict[str, int], Any]] = {}
     for regime, params in jobs:
         rest = {k: v for k, v in regime.items() if k != tuning.split_key}
-        unique.setdefault(json.dumps([rest, dataclasses.asdict(params)], sort_keys=True), (regime, params))
+        unique.setdefault(_job_key(rest, params), (regime, params))
     shares: list[list[tuple[dict[str, int], Any]]] = [[] for _ in range(max(1, min(workers, len(unique))))]
     for i, job in enumerate(unique.values()):
         shares[i % len(shares)].append(job)
@@ -208,7 +218,7 @@ def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, b
     compiled in that many processes (see compile_ahead)."""
     desc = Device.for_torch_device(device)
     spec = tuning.spec
-    out = Path(out) if out else PACKAGE_DIR / spec.op / f"{desc.arch}.json"
+    out = table_path(spec.op, desc.arch, out)
     partial_path = out.with_name(out.name + ".partial.json")
     state: dict[str, Any] = {"measured": {}}
     if partial_path.exists():
@@ -217,8 +227,7 @@ def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, b
     jobs = [(r, c) for r in regimes for c in tuning.candidates(r, desc)]
     started = time.monotonic()
     if compile_workers > 0 and device.type == "cuda" and tuning.meta_launch is not None:
-        todo = [(r, c) for r, c in jobs
-                if json.dumps([r, dataclasses.asdict(c)], sort_keys=True) not in state["measured"]]
+        todo = [(r, c) for r, c in jobs if _job_key(r, c) not in state["measured"]]
         compiled, failed = compile_ahead(tuning, todo, desc, compile_workers)
         if progress:
             print(f"compiled {compiled} candidate launches in {compile_workers} processes in "
@@ -234,7 +243,7 @@ def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, b
         current_regime, inputs = None, None
         measured_now = 0
         for regime, params in jobs:
-            key = json.dumps([regime, dataclasses.asdict(params)], sort_keys=True)
+            key = _job_key(regime, params)
             if key in state["measured"]:
                 if progress_cm:
                     progress_cm.advance(task)
@@ -263,7 +272,7 @@ def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, b
     for regime in regimes:
         best = None
         for params in tuning.candidates(regime, desc):
-            m = state["measured"].get(json.dumps([regime, dataclasses.asdict(params)], sort_keys=True))
+            m = state["measured"].get(_job_key(regime, params))
             if m and m["seconds"] is not None and (best is None or m["seconds"] < best[1]):
                 best = (params, m["seconds"])
         if best is not None:

@@ -172,10 +172,20 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
 
+def _source_class(kernel):
+    """Triton's compile source for ``kernel``: Gluon kernels have their own."""
+    from triton.compiler import ASTSource
+
+    try:
+        from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
+    except ImportError:  # pragma: no cover - a Triton without Gluon
+        return ASTSource
+    return GluonASTSource if isinstance(kernel, GluonJITFunction) else ASTSource
+
+
 def compile_one(build: KernelBuild, arch: str) -> BuildResult:
     """Compile ``build`` for ``arch`` and judge the result (runs in a worker)."""
     import triton
-    from triton.compiler import ASTSource
 
     result = BuildResult(build.op, build.kernel.split(":")[1], build.label, arch, ok=False)
     module_name, fn_name = build.kernel.split(":")
@@ -184,8 +194,8 @@ def compile_one(build: KernelBuild, arch: str) -> BuildResult:
     if not arch.startswith("gfx"):
         options = {k: v for k, v in options.items() if k not in ("waves_per_eu", "matrix_instr_nonkdim", "kpack")}
     try:
-        compiled = triton.compile(ASTSource(kernel, dict(build.signature), dict(build.constexprs),
-                                            build.specialisation()),
+        compiled = triton.compile(_source_class(kernel)(kernel, dict(build.signature), dict(build.constexprs),
+                                                        build.specialisation()),
                                   target=aot_target(arch), options=options)
     except Exception as exc:  # a compile error is a result, not a crash
         result.problems.append(f"compile error: {_root_cause(exc)[:300]}")

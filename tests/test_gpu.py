@@ -255,3 +255,52 @@ def test_triton_topk_graph_capture_without_host_bound(cuda, gen):
         lambda: (rocmoe.sparse_topk(logits, lens, 2048, backend="triton"),), [out],
         # Split rows reserve output slots with atomics: the order of winners may differ.
         canonical=lambda t: t.sort(dim=1).values)
+
+
+def _wgmma_configs():
+    from rocmoe.backends.triton.sparse_mla_decode import _WGMMA_TUNE_SHAPES, wgmma_config
+
+    return [wgmma_config(shape, split) for shape in _WGMMA_TUNE_SHAPES for split in (1, 3)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None
+                    or torch.cuda.get_device_capability()[0] != 9, reason="the Gluon wgmma kernel is sm90's")
+@pytest.mark.parametrize("config", _wgmma_configs(), ids=repr)
+@pytest.mark.parametrize("dim, extra, heads", [(576, 0, 128), (512, 40, 128), (576, 0, 80), (512, 40, 64)])
+def test_triton_mla_wgmma_kernel_with_every_feature(cuda, gen, config, dim, extra, heads):
+    # The Gluon kernel (the tuner may put it in the sm90 table) at the models' D: key lengths that end
+    # mid-tile, -1 and out-of-range ids, NaN rows selected only past a length, V4's extra keys and the
+    # sink, a query with no key, masked heads (80 = 64 + 16), with and without the split and reduce.
+    from test_triton_sparse_mla_decode import _check
+
+    from rocmoe.backends.triton.sparse_mla_decode import launch, wgmma_unsupported_reasons
+
+    tokens, topk, rows = 5, 300, 4096
+    q = torch.randn(tokens, heads, dim, generator=gen).to(torch.bfloat16)
+    cache = torch.randn(rows // 64, 64, dim, generator=gen).to(torch.bfloat16)
+    idx = torch.randint(-1, 3000, (tokens, topk), generator=gen, dtype=torch.int32)
+    idx[0, ::7] = rows + 5  # out of range: no key
+    length = torch.tensor([300, 0, 117, 1, 299], dtype=torch.int32)
+    idx[2, 117:] = 3500  # past its length, pointing at NaN rows
+    idx[3, 0] = -1
+    kw = {"topk_length": length}
+    if extra:
+        kw.update(extra_kv_cache=torch.randn(8, 64, dim, generator=gen).to(torch.bfloat16),
+                  extra_indices=torch.randint(-1, 515, (tokens, extra), generator=gen, dtype=torch.int32),
+                  extra_topk_length=torch.tensor([40, 13, 0, 0, 31], dtype=torch.int32),
+                  attn_sink=torch.randn(heads, generator=gen))
+    poisoned = cache.clone()
+    poisoned.view(-1, dim)[3000:] = float("nan")
+    on_gpu = {k: v.to(cuda) for k, v in kw.items()}
+    q_gpu, cache_gpu = q.to(cuda), poisoned.to(cuda)
+    assert wgmma_unsupported_reasons(q_gpu, cache_gpu, on_gpu.get("extra_kv_cache"), config) == []
+    out = poison(torch.empty(tokens, heads, 512, dtype=torch.bfloat16, device=cuda))
+    lse = poison(torch.empty(tokens, heads, device=cuda))
+    launch(q_gpu, cache_gpu, idx.to(cuda), dim ** -0.5, 512, on_gpu["topk_length"], on_gpu.get("attn_sink"),
+           on_gpu.get("extra_kv_cache"), on_gpu.get("extra_indices"), on_gpu.get("extra_topk_length"), out, lse,
+           config)
+    assert not is_poisoned(out).any() and not is_poisoned(lse).any()
+    out, lse = out.cpu(), lse.cpu()
+    assert torch.isfinite(out).all()
+    _check(out, lse, q, cache, idx, 512, scale=dim ** -0.5, **kw)
+    assert (out[3] == 0).all() and (lse[3] == float("inf")).all()

@@ -173,3 +173,69 @@ def test_sm90_launches_come_from_the_measured_table():
     assert config == SPEC.table("sm90").lookup({"tokens": 1, "heads": 128, "keys": 2048, "head_dim": 576,
                                                  "compute_units": device.limits.compute_units})
     assert "sm90.json" in SPEC.source(device)
+
+
+def test_wgmma_kernel_refuses_what_it_cannot_take():
+    from rocmoe.backends.triton.sparse_mla_decode import wgmma_config, wgmma_unsupported_reasons
+
+    config = wgmma_config((64, 2, 1), 1)
+    q = torch.zeros(2, 64, 576, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
+    # On this machine it never runs (the CPU, or the interpreter) ...
+    assert wgmma_unsupported_reasons(q, cache, None, config)
+    # ... and each input it cannot take is named, whatever the device.
+    meta_q, meta_cache = q.to("meta"), cache.to("meta")
+
+    def reasons(*args):
+        return " | ".join(wgmma_unsupported_reasons(*args))
+
+    if not reasons(meta_q, meta_cache, None, config).startswith("Gluon kernels do not run"):
+        assert reasons(meta_q, meta_cache, None, config) == ""
+    assert "bf16" in reasons(meta_q.half(), meta_cache, None, config)
+    assert "D = 576 or 512" in reasons(torch.zeros(2, 64, 80, device="meta", dtype=torch.bfloat16),
+                                       torch.zeros(4, 64, 80, device="meta", dtype=torch.bfloat16), None, config)
+    assert "64 heads on 8 warps" in reasons(meta_q, meta_cache, None, MlaConfig(128, 64, 8, 2, 1, WGMMA=1))
+    assert "32+ keys" in reasons(meta_q, meta_cache, None, MlaConfig(64, 16, 8, 2, 1, WGMMA=1))
+    strided_q = torch.zeros(2, 64, 580, device="meta", dtype=torch.bfloat16)[..., :576]
+    assert "q rows" in reasons(strided_q, meta_cache, None, config)
+    extra = torch.zeros(4, 64, 580, device="meta", dtype=torch.bfloat16)[..., 1:577]
+    assert "extra_kv_cache rows" in reasons(meta_q, meta_cache, extra, config)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_a_wgmma_config_it_cannot_take_runs_the_tl_kernel(kernel_device, gen, split):
+    # Here (the interpreter, or D = 80 on a GPU) the Gluon kernel cannot run: the same heads, split and
+    # warps run on the tl kernel, every feature intact.
+    from rocmoe.backends.triton.sparse_mla_decode import wgmma_config
+
+    heads, dim, d_v = 70, 80, 64
+    q, cache, idx, kw = _problem(gen, 3, heads, dim, topk=37, extra=9, dtype=_dtype(kernel_device))
+    kw.update(topk_length=torch.tensor([37, 5, 0], dtype=torch.int32), attn_sink=torch.randn(heads, generator=gen))
+    out, lse = _launch(kernel_device, q, cache, idx, d_v, wgmma_config((64, 2, 2), split), **kw)
+    _check(out, lse, q, cache, idx, d_v, **kw)
+
+
+def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only():
+    from rocmoe.backends.triton.sparse_mla_decode import _WGMMA_TUNE_SHAPES, _tune_candidates
+
+    def wgmma(arch, heads, tokens=64):
+        device = Device.from_arch(arch)
+        regime = {"tokens": tokens, "heads": heads, "keys": 2048, "head_dim": 576,
+                  "compute_units": device.limits.compute_units}
+        return [c for c in _tune_candidates(regime, device) if c.WGMMA]
+
+    assert {(c.BLOCK_N, c.num_stages, c.WGMMA) for c in wgmma("sm90", 128)} == set(_WGMMA_TUNE_SHAPES)
+    assert all(c.BLOCK_H == 64 and c.num_warps == 8 and c.DV_SPLIT == 1 for c in wgmma("sm90", 128))
+    small = wgmma("sm90", 128, tokens=1)
+    # Up to 64 chunks at T = 1 (128 programs), never a chunk shorter than a step.
+    assert max(c.SPLIT for c in small if c.BLOCK_N == 64) == 32 and max(c.SPLIT for c in small) == 64
+    assert not wgmma("sm90", 16) and not wgmma("sm100", 128) and not wgmma("gfx942", 128)
+
+
+def test_build_check_builds_the_wgmma_kernel_for_sm90_only():
+    from rocmoe.backends.triton.sparse_mla_decode import _WGMMA_KERNEL, _WGMMA_TUNE_SHAPES, build_variants
+
+    sm90 = [b for b in build_variants("sm90") if b.kernel == _WGMMA_KERNEL]
+    # each (keys, stages, mode) x D 576 / 512 + extra, final / partial, int32 / int64
+    assert len(sm90) == len(_WGMMA_TUNE_SHAPES) * 2 * 2 * 2
+    assert not [b for arch in ("sm100", "gfx942", "gfx950") for b in build_variants(arch) if b.kernel == _WGMMA_KERNEL]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from rocmoe.backends.triton._common import TritonOp, launch_device, next_power_of_2
+from rocmoe.backends.triton._common import INTERPRET, TritonOp, launch_device, next_power_of_2
 from rocmoe.backends.triton._sparse_mla_decode_kernel import sparse_mla_decode_kernel, sparse_mla_reduce_kernel
 from rocmoe.configs import ConfigSpec, register_spec
 from rocmoe.device import Device
@@ -63,6 +63,11 @@ class MlaConfig:
     IDS_AHEAD: bool = False
     #: programs per (token, head block, chunk), one per part of d_v (1 or 2)
     DV_SPLIT: int = 1
+    #: 0: the ``tl`` kernel. 1: the Gluon wgmma kernel (sm90; 64 heads on eight warps, each
+    #: score computed once), each tile's two dots in turn; 2: the same with each tile's score
+    #: dot queued behind the previous tile's P V. Where the Gluon kernel cannot run
+    #: (:func:`wgmma_unsupported_reasons`) the ``tl`` kernel runs instead.
+    WGMMA: int = 0
 
 
 def split_dims(head_dim: int) -> tuple[int, int] | None:
@@ -154,11 +159,59 @@ def launch_config(device: Device, tokens: int, heads: int, keys: int, head_dim: 
     return config
 
 
+def _gluon_kernel():
+    """The Gluon sm90 kernel, or None where this Triton has no Gluon for Hopper."""
+    try:
+        from rocmoe.backends.triton._sparse_mla_decode_wgmma_kernel import sparse_mla_decode_wgmma_kernel
+    except (ImportError, AttributeError):  # pragma: no cover - a Triton without Gluon's Hopper API
+        return None
+    return sparse_mla_decode_wgmma_kernel
+
+
+#: The Gluon kernel's fixed shape: 64 heads a program on two warpgroups.
+WGMMA_BLOCK_H = 64
+WGMMA_WARPS = 8
+
+
+def wgmma_unsupported_reasons(q: torch.Tensor, cache: torch.Tensor, extra_cache: torch.Tensor | None,
+                              config: MlaConfig) -> list[str]:
+    """Why the Gluon wgmma kernel cannot take this launch (empty: it can).
+    It copies Q and the key rows with 16-byte ``cp.async`` vectors, so their
+    rows must start 16-byte aligned."""
+    reasons = []
+    if INTERPRET:
+        reasons.append("Gluon kernels do not run under TRITON_INTERPRET")
+    elif q.device.type == "meta":
+        pass  # a compile-only launch (rocmoe precompile, tune's compile-ahead): the target is set there
+    elif q.device.type != "cuda" or torch.version.cuda is None or torch.cuda.get_device_capability(q.device)[0] != 9:
+        reasons.append("the wgmma kernel is for NVIDIA sm90")
+    if _gluon_kernel() is None:
+        reasons.append("this Triton has no Gluon Hopper API")
+    if split_dims(q.shape[-1]) not in ((512, 64), (512, 0)):
+        reasons.append(f"the wgmma kernel takes the models' D = 576 or 512, got {q.shape[-1]}")
+    if q.dtype != torch.bfloat16 or cache.dtype != torch.bfloat16:
+        reasons.append(f"the wgmma kernel takes bf16 q and cache, got {q.dtype} / {cache.dtype}")
+    if (config.BLOCK_H, config.num_warps, config.DV_SPLIT) != (WGMMA_BLOCK_H, WGMMA_WARPS, 1):
+        reasons.append(f"the wgmma kernel runs {WGMMA_BLOCK_H} heads on {WGMMA_WARPS} warps without a d_v split")
+    if config.BLOCK_N < 32 or config.num_stages < 2:
+        reasons.append("the wgmma kernel takes 32+ keys a step and 2+ stages")
+    tensors = [("q", q), ("kv_cache", cache)] + ([("extra_kv_cache", extra_cache)] if extra_cache is not None else [])
+    for name, tensor in tensors:
+        misaligned = tensor.device.type != "meta" and tensor.data_ptr() % 16
+        if misaligned or tensor.stride(-1) != 1 or any(stride % 8 for stride in tensor.stride()[:-1]):
+            reasons.append(f"{name} rows are not 16-byte aligned and contiguous")
+    return reasons
+
+
 def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_cache, extra_indices,
            extra_topk_length, out, lse_out, config: MlaConfig) -> None:
     """Launch with an explicit config (the tuner and build-check use this).
-    ``cache``/``extra_cache`` are 3-D [num_blocks, block_size, D]."""
+    ``cache``/``extra_cache`` are 3-D [num_blocks, block_size, D]. A WGMMA
+    config that this launch cannot take (:func:`wgmma_unsupported_reasons`)
+    runs the ``tl`` kernel with the same heads, split and warps instead."""
     num_tokens, num_heads, head_dim = q.shape
+    if config.WGMMA and wgmma_unsupported_reasons(q, cache, extra_cache, config):
+        config = dataclasses.replace(config, WGMMA=0, BLOCK_N=min(config.BLOCK_N, 32), num_stages=2)
     main, tail = split_dims(head_dim)
     topk = indices.shape[1]
     has_extra = extra_cache is not None
@@ -171,8 +224,16 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
     else:
         part_out = part_lse = lse_out  # never touched
     grid = (num_tokens * split * triton.cdiv(num_heads, config.BLOCK_H) * config.DV_SPLIT,)
+    if config.WGMMA:
+        kernel, extra_constexprs = _gluon_kernel(), {"STAGES": config.num_stages,
+                                                      "P_SWIZZLE": min(128, 2 * config.BLOCK_N),
+                                                      "OVERLAP": config.WGMMA == 2}
+    else:
+        kernel, extra_constexprs = sparse_mla_decode_kernel, {
+            "IEEE": q.dtype == torch.float32, "IDS_AHEAD": config.IDS_AHEAD, "DV_SPLIT": config.DV_SPLIT,
+            "num_stages": config.num_stages}
     with launch_device(q):
-        sparse_mla_decode_kernel[grid](
+        kernel[grid](
             q, cache, indices,
             indices if topk_length is None else topk_length,
             cache if not has_extra else extra_cache,
@@ -188,10 +249,9 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
             chunk, split,
             D=head_dim, D_MAIN=main, D_TAIL=tail, BLOCK_H=config.BLOCK_H, BLOCK_N=config.BLOCK_N,
             HAS_LEN=topk_length is not None, HAS_EXTRA=has_extra, HAS_XLEN=extra_topk_length is not None,
-            HAS_SINK=attn_sink is not None, PARTIAL=split > 1, IEEE=q.dtype == torch.float32,
-            IDS_AHEAD=config.IDS_AHEAD, DV_SPLIT=config.DV_SPLIT,
+            HAS_SINK=attn_sink is not None, PARTIAL=split > 1,
             WIDE=max(cache.numel(), extra_cache.numel() if has_extra else 0) >= 2**31,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, **extra_constexprs,
         )
         if split > 1:
             block_s, block_dv = reduce_blocks(split)
@@ -241,6 +301,45 @@ BENCH_SHAPES = (("dsv32", 576, 16, 2048, 0), ("dsv32", 576, 128, 2048, 0), ("dsv
                 ("dsv4-pro", 512, 128, 1024, 128))
 BENCH_TOKENS = (1, 8, 64, 128, 512)
 _KERNELS = "rocmoe.backends.triton._sparse_mla_decode_kernel:"
+_WGMMA_KERNEL = "rocmoe.backends.triton._sparse_mla_decode_wgmma_kernel:sparse_mla_decode_wgmma_kernel"
+
+
+_DECODE_SIGNATURE = (
+    ("q_ptr", "*bf16"), ("cache_ptr", "*bf16"), ("idx_ptr", "*i32"), ("len_ptr", "*i32"), ("xcache_ptr", "*bf16"),
+    ("xidx_ptr", "*i32"), ("xlen_ptr", "*i32"), ("sink_ptr", "*fp32"), ("out_ptr", "*bf16"), ("lse_ptr", "*fp32"),
+    ("part_out_ptr", "*fp32"), ("part_lse_ptr", "*fp32"), ("num_heads", "i32"), ("rows", "i32"), ("xrows", "i32"),
+    ("topk", "i32"), ("xtopk", "i32"), ("qk_scale", "fp32"), ("d_v", "i32"), ("q_stride_t", "i32"),
+    ("q_stride_h", "i32"), ("idx_stride", "i32"), ("xidx_stride", "i32"), ("out_stride_t", "i32"),
+    ("out_stride_h", "i32"), ("lse_stride", "i32"), ("chunk", "i32"), ("split", "i32"))
+# Arguments a launch specialises as multiples of 16 (so the build-check compiles them so).
+_DECODE_ALIGNED = ("num_heads", "topk", "xtopk", "d_v", "q_stride_t", "q_stride_h", "idx_stride", "xidx_stride",
+                   "out_stride_t", "out_stride_h", "lse_stride", "chunk")
+
+
+def _wgmma_builds():
+    """The Gluon kernel under every ``_WGMMA_TUNE_SHAPES`` entry (sm90 only): D = 576 (V3.2) and
+    D = 512 with the extra keys and sink (V4), final and partial, int32 and int64 cache offsets."""
+    from rocmoe.build_check import KernelBuild
+
+    if _gluon_kernel() is None:  # pragma: no cover - a Triton without Gluon's Hopper API
+        return []
+    builds = []
+    for (block_n, stages, mode), (dim, extra), partial, wide in itertools.product(
+            _WGMMA_TUNE_SHAPES, ((576, False), (512, True)), (False, True), (False, True)):
+        main, tail = split_dims(dim)
+        builds.append(KernelBuild(
+            op="sparse_mla_decode", kernel=_WGMMA_KERNEL, signature=_DECODE_SIGNATURE,
+            constexprs=(("D", dim), ("D_MAIN", main), ("D_TAIL", tail), ("BLOCK_H", WGMMA_BLOCK_H),
+                        ("BLOCK_N", block_n), ("HAS_LEN", extra), ("HAS_EXTRA", extra), ("HAS_XLEN", extra),
+                        ("HAS_SINK", extra), ("PARTIAL", partial), ("WIDE", wide), ("STAGES", stages),
+                        ("P_SWIZZLE", min(128, 2 * block_n)), ("OVERLAP", mode == 2)),
+            options=(("num_warps", WGMMA_WARPS),), aligned=_DECODE_ALIGNED,
+            label=(f"wgmma D={dim}{' +extra +sink' if extra else ''} BLOCK_H={WGMMA_BLOCK_H} BLOCK_N={block_n} "
+                   f"warps={WGMMA_WARPS} stages={stages}{' overlap' if mode == 2 else ''} "
+                   f"{'partial' if partial else 'final'}"
+                   f"{' int64' if wide else ''}"),
+            expects_dot=True))
+    return builds
 
 
 def build_variants(arch: str):
@@ -278,29 +377,22 @@ def build_variants(arch: str):
     for (dim, has_extra, cfg), wide in itertools.product(sorted(jobs, key=repr), (False, True)):
         main, tail = split_dims(dim)
         builds.append(KernelBuild(
-            op="sparse_mla_decode", kernel=_KERNELS + "sparse_mla_decode_kernel",
-            signature=(("q_ptr", "*bf16"), ("cache_ptr", "*bf16"), ("idx_ptr", "*i32"), ("len_ptr", "*i32"),
-                       ("xcache_ptr", "*bf16"), ("xidx_ptr", "*i32"), ("xlen_ptr", "*i32"), ("sink_ptr", "*fp32"),
-                       ("out_ptr", "*bf16"), ("lse_ptr", "*fp32"), ("part_out_ptr", "*fp32"),
-                       ("part_lse_ptr", "*fp32"), ("num_heads", "i32"), ("rows", "i32"), ("xrows", "i32"),
-                       ("topk", "i32"), ("xtopk", "i32"), ("qk_scale", "fp32"), ("d_v", "i32"),
-                       ("q_stride_t", "i32"), ("q_stride_h", "i32"), ("idx_stride", "i32"), ("xidx_stride", "i32"),
-                       ("out_stride_t", "i32"), ("out_stride_h", "i32"), ("lse_stride", "i32"),
-                       ("chunk", "i32"), ("split", "i32")),
+            op="sparse_mla_decode", kernel=_KERNELS + "sparse_mla_decode_kernel", signature=_DECODE_SIGNATURE,
             constexprs=(("D", dim), ("D_MAIN", main), ("D_TAIL", tail), ("BLOCK_H", cfg.BLOCK_H),
                         ("BLOCK_N", cfg.BLOCK_N), ("HAS_LEN", has_extra), ("HAS_EXTRA", has_extra),
                         ("HAS_XLEN", has_extra), ("HAS_SINK", has_extra), ("PARTIAL", cfg.SPLIT > 1),
                         ("IEEE", False), ("WIDE", wide), ("IDS_AHEAD", cfg.IDS_AHEAD),
                         ("DV_SPLIT", cfg.DV_SPLIT)),
             options=(("num_warps", cfg.num_warps), ("num_stages", cfg.num_stages)),
-            aligned=("num_heads", "topk", "xtopk", "d_v", "q_stride_t", "q_stride_h", "idx_stride", "xidx_stride",
-                     "out_stride_t", "out_stride_h", "lse_stride", "chunk"),
+            aligned=_DECODE_ALIGNED,
             label=(f"D={dim}{' +extra +sink' if has_extra else ''} BLOCK_H={cfg.BLOCK_H} BLOCK_N={cfg.BLOCK_N} "
                    f"warps={cfg.num_warps} stages={cfg.num_stages}{' ids-ahead' if cfg.IDS_AHEAD else ''}"
                    f"{' dv-split' if cfg.DV_SPLIT > 1 else ''} "
                    f"{'partial' if cfg.SPLIT > 1 else 'final'}"
                    f"{' int64' if wide else ''}"),
             expects_dot=True))
+    if arch == "sm90":
+        builds += _wgmma_builds()
     for split, sink in itertools.product(reduce_splits, (False, True)):
         block_s, block_dv = reduce_blocks(split)
         builds.append(KernelBuild(
@@ -338,10 +430,24 @@ _TUNE_SHAPES = ((16, 32, 4, 3, False, 1), (16, 64, 4, 2, False, 1),
                 (64, 16, 4, 2, False, 2), (64, 16, 4, 3, False, 2))
 
 
+# (BLOCK_N, stages, WGMMA mode) of the Gluon wgmma kernel (64 heads, eight warps) that fit sm90's 227 KB of
+# shared memory: Q (64 x D) plus STAGES key tiles (BLOCK_N x D) plus P. At D = 576: 225-230 KB
+# (64 keys and two stages, 32 and four), 189 KB (32 and three); 216-231 registers on 3.9, 234-255
+# on 3.6, no spills (built for sm90 by build_variants, so CI checks this).
+_WGMMA_TUNE_SHAPES = tuple((block_n, stages, mode) for block_n, stages in ((64, 2), (32, 3), (32, 4))
+                           for mode in (1, 2))
+
+
 def tune_config(shape: tuple[int, int, int, int, bool, int], split: int) -> MlaConfig:
     """The launch of a ``_TUNE_SHAPES`` entry with ``split`` key chunks."""
     block_h, block_n, warps, stages, ahead, dv_split = shape
     return MlaConfig(block_h, block_n, warps, stages, split, ahead, dv_split)
+
+
+def wgmma_config(shape: tuple[int, int, int], split: int) -> MlaConfig:
+    """The launch of a ``_WGMMA_TUNE_SHAPES`` entry with ``split`` key chunks."""
+    block_n, stages, mode = shape
+    return MlaConfig(WGMMA_BLOCK_H, block_n, WGMMA_WARPS, stages, split, WGMMA=mode)
 
 
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfig]:
@@ -356,6 +462,11 @@ def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfi
             if split > 1 and (keys // split < block_n or programs > 4 * device.limits.compute_units):
                 continue
             cands.append(tune_config(shape, split))
+    if device.arch == "sm90" and heads >= WGMMA_BLOCK_H and regime["head_dim"] in (576, 512):
+        for shape, split in itertools.product(_WGMMA_TUNE_SHAPES, (1, 2, 4, 8, 16, 32, 64)):
+            programs = tokens * -(-heads // WGMMA_BLOCK_H) * split
+            if split == 1 or (keys // split >= shape[0] and programs <= 4 * device.limits.compute_units):
+                cands.append(wgmma_config(shape, split))
     return cands
 
 

@@ -99,6 +99,18 @@ def test_mla_dv_split_gives_each_warpgroup_its_own_score_tile():
         assert r.matrix_instructions == labels[r.label], r.label
 
 
+def test_mla_wgmma_kernel_computes_each_score_once():
+    # The premise of the Gluon kernel: its two warpgroups split the score tile along the keys, so
+    # with 64 keys a step each issues the score dot as m64n32 (32 keys of its own) and the output
+    # dot as m64n256 (its half of d_v); a shared score tile would show m64n64 for both.
+    label = "wgmma D=576 BLOCK_H=64 BLOCK_N=64 warps=8 stages=2 final"
+    results = build_check.run(["sm90"], ["sparse_mla_decode"], jobs=1, progress=False,
+                              select=lambda b: b.label == label)
+    assert [r.label for r in results] == [label]
+    assert results[0].ok and results[0].spills == 0, results[0].problems
+    assert results[0].matrix_instructions == ["wgmma.m64n256k16", "wgmma.m64n32k16"]
+
+
 def _compile_bad_build(arch):
     import os
 

@@ -147,24 +147,30 @@ def test_heuristic_fills_the_device_at_small_batch(arch):
 
 
 def test_sm90_heuristic_and_table_use_probed_shapes():
-    # _TUNE_SHAPES lists the (heads, keys, warps, stages, ids ahead, d_v split) that compile
-    # without spills on sm90 with Triton 3.6 and 3.9; the heuristic and the
-    # measured table may only use those (build-check compiles them in CI).
-    from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES
+    # _TUNE_SHAPES lists the (heads, keys, warps, stages, ids ahead, d_v split) of the tl kernel and
+    # _WGMMA_TUNE_SHAPES the (keys, stages, mode) of the Gluon one that compile without spills on
+    # sm90 with Triton 3.6 and 3.9; the heuristic and the measured table may only use those
+    # (build-check compiles them in CI).
+    from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES, _WGMMA_TUNE_SHAPES, WGMMA_BLOCK_H, WGMMA_WARPS
 
     device = Device.from_arch("sm90")
     choose = SPEC.heuristic(device)
 
-    def shape(c):
-        return c.BLOCK_H, c.BLOCK_N, c.num_warps, c.num_stages, c.IDS_AHEAD, c.DV_SPLIT
+    def probed(c):
+        if c.WGMMA:
+            return ((c.BLOCK_H, c.num_warps, c.IDS_AHEAD, c.DV_SPLIT) == (WGMMA_BLOCK_H, WGMMA_WARPS, False, 1)
+                    and (c.BLOCK_N, c.num_stages, c.WGMMA) in _WGMMA_TUNE_SHAPES)
+        return (c.BLOCK_H, c.BLOCK_N, c.num_warps, c.num_stages, c.IDS_AHEAD, c.DV_SPLIT) in _TUNE_SHAPES
 
-    shapes = {shape(choose({"tokens": t, "heads": h, "keys": 2048, "head_dim": 576, "compute_units": 132}))
-              for t in (1, 8, 64, 512) for h in (16, 64, 128)}
-    shapes |= {shape(c) for _, c in SPEC.table("sm90").entries}
-    assert shapes <= set(_TUNE_SHAPES), shapes - set(_TUNE_SHAPES)
+    configs = [choose({"tokens": t, "heads": h, "keys": 2048, "head_dim": 576, "compute_units": 132})
+               for t in (1, 8, 64, 512) for h in (16, 64, 128)]
+    configs += [c for _, c in SPEC.table("sm90").entries]
+    assert [c for c in configs if not probed(c)] == []
+    assert any(c.WGMMA for c in configs) and any(not c.WGMMA for c in configs)
     wide = choose({"tokens": 64, "heads": 128, "keys": 2048, "head_dim": 576, "compute_units": 114})
-    assert (wide.BLOCK_H, wide.DV_SPLIT) == (128, 2)  # an H100 PCIe: what the 132-SM table picked at H = 128
-    assert choose({"tokens": 64, "heads": 64, "keys": 640, "head_dim": 512, "compute_units": 114}).BLOCK_H == 64
+    assert (wide.BLOCK_H, wide.WGMMA, wide.SPLIT) == (64, 1, 1)  # an H100 PCIe: 128 programs fill its 114 SMs
+    small = choose({"tokens": 1, "heads": 64, "keys": 640, "head_dim": 512, "compute_units": 114})
+    assert (small.BLOCK_H, small.WGMMA, small.SPLIT) == (64, 1, 8)  # 640 keys: chunks of two 64-key steps at least
 
 
 def test_sm90_launches_come_from_the_measured_table():

@@ -92,6 +92,11 @@ def _split_for(tokens: int, head_blocks: int, keys: int, block_n: int, units: in
     return next_power_of_2(split) if split > 1 else 1
 
 
+#: The Gluon kernel's fixed shape: 64 heads a program on two warpgroups.
+WGMMA_BLOCK_H = 64
+WGMMA_WARPS = 8
+
+
 def _nvidia_heuristic(regime: Mapping[str, int]) -> MlaConfig:
     """Ampere/Blackwell/other NVIDIA (unmeasured): 32 heads share a gather,
     32 keys per step, eight warps, a double-buffered gather (the cp.async
@@ -106,26 +111,19 @@ def _nvidia_heuristic(regime: Mapping[str, int]) -> MlaConfig:
 
 def _hopper_heuristic(regime: Mapping[str, int]) -> MlaConfig:
     """sm90 parts without a measured table (another SM count than the
-    H100 SXM's 132), from the H100's sweeps and tables: with 128 heads or
-    more, 128-head blocks with d_v in two programs (each warpgroup issues the
-    score dot for its own 64 heads; the tuner's pick at H = 128 from T = 23,
-    1.13-1.22x the 64-head blocks on the H100); with 64, 64-head blocks on
-    eight warps (wgmma; the fp32 [64, 512] accumulator takes 128 registers a
-    thread). Both take 32 keys per step in a double-buffered cp.async
-    pipeline, and one program fills an SM, so the split aims at one program
-    per SM. Fewer heads: 16-head blocks, four warps, 64 keys, two stages (two
-    programs per SM). Larger steps or deeper pipelines at 64 heads spill."""
+    H100 SXM's 132), from the H100's table: with 64 heads or more, the Gluon
+    wgmma kernel (64 heads on eight warps, 64 keys a step, two stages; each
+    score computed once), which the tuner picked over every ``tl`` launch at
+    T >= 3 (1.24-1.91x at T >= 64). One program fills an SM, so the split
+    aims at one program per SM. Fewer heads: 16-head blocks, four warps, 64
+    keys, two stages (two programs per SM)."""
     heads = regime["heads"]
-    dv_split = 1
-    if heads >= 128:
-        block_h, block_n, warps, stages, waves, dv_split = 128, 32, 8, 2, 1, 2
-    elif heads >= 64:
-        block_h, block_n, warps, stages, waves = 64, 32, 8, 2, 1
-    else:
-        block_h, block_n, warps, stages, waves = 16, 64, 4, 2, 2
-    split = _split_for(regime["tokens"], -(-heads // block_h) * dv_split, regime["keys"], block_n,
-                       regime["compute_units"], waves)
-    return MlaConfig(block_h, block_n, warps, stages, split, DV_SPLIT=dv_split)
+    if heads >= WGMMA_BLOCK_H:
+        split = _split_for(regime["tokens"], -(-heads // WGMMA_BLOCK_H), regime["keys"], 64,
+                           regime["compute_units"], 1)
+        return MlaConfig(WGMMA_BLOCK_H, 64, WGMMA_WARPS, 2, split, WGMMA=1)
+    split = _split_for(regime["tokens"], -(-heads // 16), regime["keys"], 64, regime["compute_units"], 2)
+    return MlaConfig(16, 64, 4, 2, split)
 
 
 def _cdna_heuristic(regime: Mapping[str, int]) -> MlaConfig:
@@ -166,11 +164,6 @@ def _gluon_kernel():
     except (ImportError, AttributeError):  # pragma: no cover - a Triton without Gluon's Hopper API
         return None
     return sparse_mla_decode_wgmma_kernel
-
-
-#: The Gluon kernel's fixed shape: 64 heads a program on two warpgroups.
-WGMMA_BLOCK_H = 64
-WGMMA_WARPS = 8
 
 
 def wgmma_unsupported_reasons(q: torch.Tensor, cache: torch.Tensor, extra_cache: torch.Tensor | None,

@@ -49,7 +49,7 @@ def main() -> None:
         for text in args.config:
             fields = [*map(int, text.split(","))]
             bh, bn, warps, stages, split, ahead, dv_split, wgmma = fields + [0, 1, 0][len(fields) - 5:]
-            configs.append(MlaConfig(bh, bn, warps, stages, split or chosen.SPLIT, bool(ahead), dv_split, wgmma))
+            configs.append(MlaConfig(bh, bn, warps, stages, split or chosen.SPLIT, bool(ahead), dv_split, bool(wgmma)))
         key_bytes = tokens * keys * model.dim * 2
         for config in configs:
             if args.once:

@@ -148,7 +148,7 @@ def test_heuristic_fills_the_device_at_small_batch(arch):
 
 def test_sm90_heuristic_and_table_use_probed_shapes():
     # _TUNE_SHAPES lists the (heads, keys, warps, stages, ids ahead, d_v split) of the tl kernel and
-    # _WGMMA_TUNE_SHAPES the (keys, stages, mode) of the Gluon one that compile without spills on
+    # _WGMMA_TUNE_SHAPES the (keys, stages) of the Gluon one that compile without spills on
     # sm90 with Triton 3.6 and 3.9; the heuristic and the measured table may only use those
     # (build-check compiles them in CI).
     from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES, _WGMMA_TUNE_SHAPES, WGMMA_BLOCK_H, WGMMA_WARPS
@@ -159,7 +159,7 @@ def test_sm90_heuristic_and_table_use_probed_shapes():
     def probed(c):
         if c.WGMMA:
             return ((c.BLOCK_H, c.num_warps, c.IDS_AHEAD, c.DV_SPLIT) == (WGMMA_BLOCK_H, WGMMA_WARPS, False, 1)
-                    and (c.BLOCK_N, c.num_stages, c.WGMMA) in _WGMMA_TUNE_SHAPES)
+                    and (c.BLOCK_N, c.num_stages) in _WGMMA_TUNE_SHAPES)
         return (c.BLOCK_H, c.BLOCK_N, c.num_warps, c.num_stages, c.IDS_AHEAD, c.DV_SPLIT) in _TUNE_SHAPES
 
     configs = [choose({"tokens": t, "heads": h, "keys": 2048, "head_dim": 576, "compute_units": 132})
@@ -168,9 +168,9 @@ def test_sm90_heuristic_and_table_use_probed_shapes():
     assert [c for c in configs if not probed(c)] == []
     assert any(c.WGMMA for c in configs) and any(not c.WGMMA for c in configs)
     wide = choose({"tokens": 64, "heads": 128, "keys": 2048, "head_dim": 576, "compute_units": 114})
-    assert (wide.BLOCK_H, wide.WGMMA, wide.SPLIT) == (64, 1, 1)  # an H100 PCIe: 128 programs fill its 114 SMs
+    assert (wide.BLOCK_H, wide.WGMMA, wide.SPLIT) == (64, True, 1)  # an H100 PCIe: 128 programs fill its 114 SMs
     small = choose({"tokens": 1, "heads": 64, "keys": 640, "head_dim": 512, "compute_units": 114})
-    assert (small.BLOCK_H, small.WGMMA, small.SPLIT) == (64, 1, 8)  # 640 keys: chunks of two 64-key steps at least
+    assert (small.BLOCK_H, small.WGMMA, small.SPLIT) == (64, True, 8)  # 640 keys: chunks of two 64-key steps at least
 
 
 def test_sm90_launches_come_from_the_measured_table():
@@ -184,7 +184,7 @@ def test_sm90_launches_come_from_the_measured_table():
 def test_wgmma_kernel_refuses_what_it_cannot_take():
     from rocmoe.backends.triton.sparse_mla_decode import wgmma_config, wgmma_unsupported_reasons
 
-    config = wgmma_config((64, 2, 1), 1)
+    config = wgmma_config((64, 2), 1)
     q = torch.zeros(2, 64, 576, dtype=torch.bfloat16)
     cache = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
     # On this machine it never runs (the CPU, or the interpreter) ...
@@ -200,8 +200,8 @@ def test_wgmma_kernel_refuses_what_it_cannot_take():
     assert "bf16" in reasons(meta_q.half(), meta_cache, None, config)
     assert "D = 576 or 512" in reasons(torch.zeros(2, 64, 80, device="meta", dtype=torch.bfloat16),
                                        torch.zeros(4, 64, 80, device="meta", dtype=torch.bfloat16), None, config)
-    assert "64 heads on 8 warps" in reasons(meta_q, meta_cache, None, MlaConfig(128, 64, 8, 2, 1, WGMMA=1))
-    assert "32+ keys" in reasons(meta_q, meta_cache, None, MlaConfig(64, 16, 8, 2, 1, WGMMA=1))
+    assert "64 heads on 8 warps" in reasons(meta_q, meta_cache, None, MlaConfig(128, 64, 8, 2, 1, WGMMA=True))
+    assert "32+ keys" in reasons(meta_q, meta_cache, None, MlaConfig(64, 16, 8, 2, 1, WGMMA=True))
     strided_q = torch.zeros(2, 64, 580, device="meta", dtype=torch.bfloat16)[..., :576]
     assert "q rows" in reasons(strided_q, meta_cache, None, config)
     extra = torch.zeros(4, 64, 580, device="meta", dtype=torch.bfloat16)[..., 1:577]
@@ -217,7 +217,7 @@ def test_a_wgmma_config_it_cannot_take_runs_the_tl_kernel(kernel_device, gen, sp
     heads, dim, d_v = 70, 80, 64
     q, cache, idx, kw = _problem(gen, 3, heads, dim, topk=37, extra=9, dtype=_dtype(kernel_device))
     kw.update(topk_length=torch.tensor([37, 5, 0], dtype=torch.int32), attn_sink=torch.randn(heads, generator=gen))
-    out, lse = _launch(kernel_device, q, cache, idx, d_v, wgmma_config((64, 2, 2), split), **kw)
+    out, lse = _launch(kernel_device, q, cache, idx, d_v, wgmma_config((64, 2), split), **kw)
     _check(out, lse, q, cache, idx, d_v, **kw)
 
 
@@ -230,7 +230,7 @@ def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only():
                   "compute_units": device.limits.compute_units}
         return [c for c in _tune_candidates(regime, device) if c.WGMMA]
 
-    assert {(c.BLOCK_N, c.num_stages, c.WGMMA) for c in wgmma("sm90", 128)} == set(_WGMMA_TUNE_SHAPES)
+    assert {(c.BLOCK_N, c.num_stages) for c in wgmma("sm90", 128)} == set(_WGMMA_TUNE_SHAPES)
     assert all(c.BLOCK_H == 64 and c.num_warps == 8 and c.DV_SPLIT == 1 for c in wgmma("sm90", 128))
     small = wgmma("sm90", 128, tokens=1)
     # Up to 64 chunks at T = 1 (128 programs), never a chunk shorter than a step.
@@ -242,6 +242,6 @@ def test_build_check_builds_the_wgmma_kernel_for_sm90_only():
     from rocmoe.backends.triton.sparse_mla_decode import _WGMMA_KERNEL, _WGMMA_TUNE_SHAPES, build_variants
 
     sm90 = [b for b in build_variants("sm90") if b.kernel == _WGMMA_KERNEL]
-    # each (keys, stages, mode) x D 576 / 512 + extra, final / partial, int32 / int64
+    # each (keys, stages) x D 576 / 512 + extra, final / partial, int32 / int64
     assert len(sm90) == len(_WGMMA_TUNE_SHAPES) * 2 * 2 * 2
     assert not [b for arch in ("sm100", "gfx942", "gfx950") for b in build_variants(arch) if b.kernel == _WGMMA_KERNEL]

@@ -40,8 +40,6 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     warpgroup_mma,
-    warpgroup_mma_init,
-    warpgroup_mma_wait,
 )
 
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -114,7 +112,6 @@ def sparse_mla_decode_wgmma_kernel(
     D: gl.constexpr, D_MAIN: gl.constexpr, D_TAIL: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr,
     HAS_LEN: gl.constexpr, HAS_EXTRA: gl.constexpr, HAS_XLEN: gl.constexpr, HAS_SINK: gl.constexpr,
     PARTIAL: gl.constexpr, WIDE: gl.constexpr, STAGES: gl.constexpr, P_SWIZZLE: gl.constexpr,
-    OVERLAP: gl.constexpr = False,
 ):
     """The ``tl`` kernel's arguments and grid (T * split * cdiv(H, BLOCK_H),
     head block fastest), for BLOCK_H = 64 on eight warps and bf16 inputs.
@@ -190,23 +187,20 @@ def sparse_mla_decode_wgmma_kernel(
     acc = gl.zeros([BLOCK_H, D_MAIN], gl.float32, O_LAYOUT)
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, ROWS_S)
     l_i = gl.zeros([BLOCK_H], gl.float32, ROWS_S)
-    if OVERLAP:
-        pending = warpgroup_mma_init(acc)
     for tile in range(0, tiles):
         slot = tile % STAGES
         # This thread's copies of the tile have landed; the fence hands them to the async proxy
-        # (wgmma) and the barrier waits for every thread's.
+        # (wgmma) and the barrier waits for every thread's. The barrier also sees both warpgroups
+        # done with P and with the slot refilled next (their dots are synchronous).
         async_copy.wait_group(STAGES - 2)
         fence_async_shared()
         _barrier()
-        if not OVERLAP:
-            # (The barrier also saw both warpgroups done with P and with the slot refilled here.)
-            _gather_tile(next_valid, next_src, next_idx, (tile + STAGES - 1) % STAGES, k_main_smem, k_tail_smem, D,
-                         D_MAIN, D_TAIL, WIDE, COPY)
-            async_copy.commit_group()
-            next_valid, next_src, next_idx = _tile_rows(tile + STAGES, main_tiles, start, main_stop, length, rows,
-                                                        idx_row, cache_ptr, xstart, xstop, xlength, xrows, xidx_row,
-                                                        xcache_ptr, BLOCK_N, HAS_EXTRA, gl.SliceLayout(1, COPY))
+        _gather_tile(next_valid, next_src, next_idx, (tile + STAGES - 1) % STAGES, k_main_smem, k_tail_smem, D,
+                     D_MAIN, D_TAIL, WIDE, COPY)
+        async_copy.commit_group()
+        next_valid, next_src, next_idx = _tile_rows(tile + STAGES, main_tiles, start, main_stop, length, rows,
+                                                    idx_row, cache_ptr, xstart, xstop, xlength, xrows, xidx_row,
+                                                    xcache_ptr, BLOCK_N, HAS_EXTRA, gl.SliceLayout(1, COPY))
         # Which keys count, per score column (the ids again, from cache; read before the dot so
         # the read overlaps it).
         valid, _, _ = _tile_rows(tile, main_tiles, start, main_stop, length, rows, idx_row, cache_ptr, xstart,
@@ -214,31 +208,11 @@ def sparse_mla_decode_wgmma_kernel(
                                  gl.SliceLayout(0, S_LAYOUT))
         keys = k_main_smem.index(slot)
         s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, S_LAYOUT)
-        if OVERLAP:
-            # The previous tile's P V is still running: queue the scores behind it, then wait for it
-            # alone (wgmma groups retire in order) and for the other warpgroup's, before P and its
-            # key slot are written again.
-            if D_TAIL > 0:
-                s = warpgroup_mma(q_tail_smem, k_tail_smem.index(slot).permute((1, 0)), s, use_acc=False,
-                                  is_async=True)
-                s = warpgroup_mma(q_main_smem, keys.permute((1, 0)), s, is_async=True)
-            else:
-                s = warpgroup_mma(q_main_smem, keys.permute((1, 0)), s, use_acc=False, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=[pending])
-            _barrier()
-            _gather_tile(next_valid, next_src, next_idx, (tile + STAGES - 1) % STAGES, k_main_smem, k_tail_smem, D,
-                         D_MAIN, D_TAIL, WIDE, COPY)
-            async_copy.commit_group()
-            next_valid, next_src, next_idx = _tile_rows(tile + STAGES, main_tiles, start, main_stop, length, rows,
-                                                        idx_row, cache_ptr, xstart, xstop, xlength, xrows, xidx_row,
-                                                        xcache_ptr, BLOCK_N, HAS_EXTRA, gl.SliceLayout(1, COPY))
-            s = warpgroup_mma_wait(num_outstanding=0, deps=[s])
+        if D_TAIL > 0:
+            s = warpgroup_mma(q_tail_smem, k_tail_smem.index(slot).permute((1, 0)), s, use_acc=False)
+            s = warpgroup_mma(q_main_smem, keys.permute((1, 0)), s)
         else:
-            if D_TAIL > 0:
-                s = warpgroup_mma(q_tail_smem, k_tail_smem.index(slot).permute((1, 0)), s, use_acc=False)
-                s = warpgroup_mma(q_main_smem, keys.permute((1, 0)), s)
-            else:
-                s = warpgroup_mma(q_main_smem, keys.permute((1, 0)), s, use_acc=False)
+            s = warpgroup_mma(q_main_smem, keys.permute((1, 0)), s, use_acc=False)
         s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -249,12 +223,7 @@ def sparse_mla_decode_wgmma_kernel(
         p_smem.store(p.to(gl.bfloat16))
         fence_async_shared()
         _barrier()
-        if OVERLAP:
-            pending = warpgroup_mma(p_smem, keys, acc * gl.convert_layout(alpha, ROWS_O)[:, None], is_async=True)
-        else:
-            acc = warpgroup_mma(p_smem, keys, acc * gl.convert_layout(alpha, ROWS_O)[:, None])
-    if OVERLAP:
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=[pending])
+        acc = warpgroup_mma(p_smem, keys, acc * gl.convert_layout(alpha, ROWS_O)[:, None])
     async_copy.wait_group(0)
 
     l_o = gl.convert_layout(l_i, ROWS_O)

@@ -63,11 +63,10 @@ class MlaConfig:
     IDS_AHEAD: bool = False
     #: programs per (token, head block, chunk), one per part of d_v (1 or 2)
     DV_SPLIT: int = 1
-    #: 0: the ``tl`` kernel. 1: the Gluon wgmma kernel (sm90; 64 heads on eight warps, each
-    #: score computed once), each tile's two dots in turn; 2: the same with each tile's score
-    #: dot queued behind the previous tile's P V. Where the Gluon kernel cannot run
-    #: (:func:`wgmma_unsupported_reasons`) the ``tl`` kernel runs instead.
-    WGMMA: int = 0
+    #: run the Gluon wgmma kernel (sm90; 64 heads on eight warps, each score computed once)
+    #: instead of the ``tl`` one; where it cannot (:func:`wgmma_unsupported_reasons`) the
+    #: ``tl`` kernel runs.
+    WGMMA: bool = False
 
 
 def split_dims(head_dim: int) -> tuple[int, int] | None:
@@ -121,7 +120,7 @@ def _hopper_heuristic(regime: Mapping[str, int]) -> MlaConfig:
     if heads >= WGMMA_BLOCK_H:
         split = _split_for(regime["tokens"], -(-heads // WGMMA_BLOCK_H), regime["keys"], 64,
                            regime["compute_units"], 1)
-        return MlaConfig(WGMMA_BLOCK_H, 64, WGMMA_WARPS, 2, split, WGMMA=1)
+        return MlaConfig(WGMMA_BLOCK_H, 64, WGMMA_WARPS, 2, split, WGMMA=True)
     split = _split_for(regime["tokens"], -(-heads // 16), regime["keys"], 64, regime["compute_units"], 2)
     return MlaConfig(16, 64, 4, 2, split)
 
@@ -204,7 +203,7 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
     runs the ``tl`` kernel with the same heads, split and warps instead."""
     num_tokens, num_heads, head_dim = q.shape
     if config.WGMMA and wgmma_unsupported_reasons(q, cache, extra_cache, config):
-        config = dataclasses.replace(config, WGMMA=0, BLOCK_N=min(config.BLOCK_N, 32), num_stages=2)
+        config = dataclasses.replace(config, WGMMA=False, BLOCK_N=min(config.BLOCK_N, 32), num_stages=2)
     main, tail = split_dims(head_dim)
     topk = indices.shape[1]
     has_extra = extra_cache is not None
@@ -219,8 +218,7 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
     grid = (num_tokens * split * triton.cdiv(num_heads, config.BLOCK_H) * config.DV_SPLIT,)
     if config.WGMMA:
         kernel, extra_constexprs = _gluon_kernel(), {"STAGES": config.num_stages,
-                                                      "P_SWIZZLE": min(128, 2 * config.BLOCK_N),
-                                                      "OVERLAP": config.WGMMA == 2}
+                                                      "P_SWIZZLE": min(128, 2 * config.BLOCK_N)}
     else:
         kernel, extra_constexprs = sparse_mla_decode_kernel, {
             "IEEE": q.dtype == torch.float32, "IDS_AHEAD": config.IDS_AHEAD, "DV_SPLIT": config.DV_SPLIT,
@@ -317,7 +315,7 @@ def _wgmma_builds():
     if _gluon_kernel() is None:  # pragma: no cover - a Triton without Gluon's Hopper API
         return []
     builds = []
-    for (block_n, stages, mode), (dim, extra), partial, wide in itertools.product(
+    for (block_n, stages), (dim, extra), partial, wide in itertools.product(
             _WGMMA_TUNE_SHAPES, ((576, False), (512, True)), (False, True), (False, True)):
         main, tail = split_dims(dim)
         builds.append(KernelBuild(
@@ -325,10 +323,10 @@ def _wgmma_builds():
             constexprs=(("D", dim), ("D_MAIN", main), ("D_TAIL", tail), ("BLOCK_H", WGMMA_BLOCK_H),
                         ("BLOCK_N", block_n), ("HAS_LEN", extra), ("HAS_EXTRA", extra), ("HAS_XLEN", extra),
                         ("HAS_SINK", extra), ("PARTIAL", partial), ("WIDE", wide), ("STAGES", stages),
-                        ("P_SWIZZLE", min(128, 2 * block_n)), ("OVERLAP", mode == 2)),
+                        ("P_SWIZZLE", min(128, 2 * block_n))),
             options=(("num_warps", WGMMA_WARPS),), aligned=_DECODE_ALIGNED,
             label=(f"wgmma D={dim}{' +extra +sink' if extra else ''} BLOCK_H={WGMMA_BLOCK_H} BLOCK_N={block_n} "
-                   f"warps={WGMMA_WARPS} stages={stages}{' overlap' if mode == 2 else ''} "
+                   f"warps={WGMMA_WARPS} stages={stages} "
                    f"{'partial' if partial else 'final'}"
                    f"{' int64' if wide else ''}"),
             expects_dot=True))
@@ -423,12 +421,12 @@ _TUNE_SHAPES = ((16, 32, 4, 3, False, 1), (16, 64, 4, 2, False, 1),
                 (64, 16, 4, 2, False, 2), (64, 16, 4, 3, False, 2))
 
 
-# (BLOCK_N, stages, WGMMA mode) of the Gluon wgmma kernel (64 heads, eight warps) that fit sm90's 227 KB of
-# shared memory: Q (64 x D) plus STAGES key tiles (BLOCK_N x D) plus P. At D = 576: 225-230 KB
-# (64 keys and two stages, 32 and four), 189 KB (32 and three); 216-231 registers on 3.9, 234-255
-# on 3.6, no spills (built for sm90 by build_variants, so CI checks this).
-_WGMMA_TUNE_SHAPES = tuple((block_n, stages, mode) for block_n, stages in ((64, 2), (32, 3), (32, 4))
-                           for mode in (1, 2))
+# (BLOCK_N, stages) of the Gluon wgmma kernel (64 heads, eight warps) that fit sm90's 227 KiB of
+# shared memory: Q (64 x D) plus STAGES key tiles (BLOCK_N x D) plus P; at D = 576, 224.5 KiB (64 keys,
+# two stages) and 184.5 KiB (32 keys, three). No spills on 3.6 or 3.9 (built for sm90 by build_variants,
+# so CI checks this). On the H100 the first won every regime it was tuned for (ci/mla_sweep.py: 1.13-1.34x
+# the second).
+_WGMMA_TUNE_SHAPES = ((64, 2), (32, 3))
 
 
 def tune_config(shape: tuple[int, int, int, int, bool, int], split: int) -> MlaConfig:
@@ -437,10 +435,10 @@ def tune_config(shape: tuple[int, int, int, int, bool, int], split: int) -> MlaC
     return MlaConfig(block_h, block_n, warps, stages, split, ahead, dv_split)
 
 
-def wgmma_config(shape: tuple[int, int, int], split: int) -> MlaConfig:
+def wgmma_config(shape: tuple[int, int], split: int) -> MlaConfig:
     """The launch of a ``_WGMMA_TUNE_SHAPES`` entry with ``split`` key chunks."""
-    block_n, stages, mode = shape
-    return MlaConfig(WGMMA_BLOCK_H, block_n, WGMMA_WARPS, stages, split, WGMMA=mode)
+    block_n, stages = shape
+    return MlaConfig(WGMMA_BLOCK_H, block_n, WGMMA_WARPS, stages, split, WGMMA=True)
 
 
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfig]:

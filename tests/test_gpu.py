@@ -104,6 +104,34 @@ def test_graph_capture_sparse_mla_decode(cuda, gen):
                           call, [out, lse])
 
 
+def test_graph_capture_and_compile_sparse_mla_decode_at_128_heads(cuda, gen):
+    # V3.2's 128 heads at T = 16: on an sm90 with the shipped table, the Gluon wgmma kernel with its
+    # key split and the reduce - captured, then under torch.compile(fullgraph=True).
+    from rocmoe.backends.triton.sparse_mla_decode import launch_config
+
+    tokens, heads = 16, 128
+    q = torch.randn(tokens, heads, 576, generator=gen).to(cuda, torch.bfloat16)
+    cache = torch.randn(128, 64, 576, generator=gen).to(cuda, torch.bfloat16)
+    idx = torch.randint(-1, 128 * 64, (tokens, 2048), generator=gen, dtype=torch.int32).to(cuda)
+    config = launch_config(rocmoe.Device.current(), tokens, heads, 2048, 576)
+    if torch.version.cuda and torch.cuda.get_device_capability() == (9, 0):
+        assert config.WGMMA and config.SPLIT > 1, config
+    out = torch.empty(tokens, heads, 512, device=cuda, dtype=torch.bfloat16)
+    lse = torch.empty(tokens, heads, device=cuda)
+
+    def call(**bufs):
+        return rocmoe.sparse_mla_decode(q, cache, idx, softmax_scale=576 ** -0.5, backend="triton", **bufs)
+
+    _replay_matches_eager(lambda: call(out=out, lse_out=lse),
+                          lambda: q.copy_(torch.randn(tokens, heads, 576, generator=gen).to(cuda, torch.bfloat16)),
+                          call, [out, lse])
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, cache, idx: rocmoe.sparse_mla_decode(q, cache, idx, softmax_scale=576 ** -0.5,
+                                                                            backend="triton"), fullgraph=True)
+    for got, want in zip(compiled(q, cache, idx), call()):
+        torch.testing.assert_close(got, want)
+
+
 def test_graph_capture_sparse_topk_with_host_bound(cuda, gen):
     lens = torch.randint(0, 2049, (64,), device=cuda, dtype=torch.int32)
     out = torch.empty(64, 2048, dtype=torch.int32, device=cuda)

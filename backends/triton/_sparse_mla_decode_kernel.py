@@ -63,10 +63,11 @@ def _row_offsets(rows, D: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _tile_span(tile, main_tiles, start, stop, length, rows, idx_row, cache_ptr, xstart, xstop, xlength, xrows,
-               xidx_row, xcache_ptr, BLOCK_N: tl.constexpr, HAS_EXTRA: tl.constexpr):
-    """Key tile ``tile`` of the walk over both lists: its positions j [BLOCK_N], the end and
-    the valid length of its list, the cache rows, and the list and cache pointers (scalars)."""
+def _tile_bounds(tile, main_tiles, start, stop, length, rows, idx_row, cache_ptr, xstart, xstop, xlength, xrows,
+                 xidx_row, xcache_ptr, BLOCK_N: tl.constexpr, HAS_EXTRA: tl.constexpr):
+    """Key tile ``tile`` of the walk over both lists, as scalars: its first position, the end and
+    the valid length of its list, the cache rows, and the list and cache pointers (also called by
+    the Gluon kernel, which lays the positions out itself)."""
     if HAS_EXTRA:
         in_main = tile < main_tiles
         first = tl.where(in_main, start + tile * BLOCK_N, xstart + (tile - main_tiles) * BLOCK_N)
@@ -82,6 +83,16 @@ def _tile_span(tile, main_tiles, start, stop, length, rows, idx_row, cache_ptr, 
         nrows = rows
         ids = idx_row
         src = cache_ptr
+    return first, end, limit, nrows, ids, src
+
+
+@triton.jit
+def _tile_span(tile, main_tiles, start, stop, length, rows, idx_row, cache_ptr, xstart, xstop, xlength, xrows,
+               xidx_row, xcache_ptr, BLOCK_N: tl.constexpr, HAS_EXTRA: tl.constexpr):
+    """_tile_bounds with the tile's positions j [BLOCK_N] in place of its first one."""
+    first, end, limit, nrows, ids, src = _tile_bounds(tile, main_tiles, start, stop, length, rows, idx_row,
+                                                      cache_ptr, xstart, xstop, xlength, xrows, xidx_row,
+                                                      xcache_ptr, BLOCK_N, HAS_EXTRA)
     return first + tl.arange(0, BLOCK_N), end, limit, nrows, ids, src
 
 

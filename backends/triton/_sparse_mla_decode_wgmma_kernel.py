@@ -42,6 +42,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
 )
 
+from rocmoe.backends.triton._sparse_mla_decode_kernel import _tile_bounds
+
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _async_gather = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
@@ -52,23 +54,11 @@ _LOG2E = gl.constexpr(1.4426950408889634)
 @gluon.jit
 def _tile_span(tile, main_tiles, start, stop, length, rows, idx_row, cache_ptr, xstart, xstop, xlength, xrows,
                xidx_row, xcache_ptr, BLOCK_N: gl.constexpr, HAS_EXTRA: gl.constexpr, LAYOUT: gl.constexpr):
-    """Key tile ``tile`` of the walk over both lists: positions j [BLOCK_N] in LAYOUT, the end and
-    valid length of its list, the cache's row count, and the list and cache pointers (scalars)."""
-    if HAS_EXTRA:
-        in_main = tile < main_tiles
-        first = gl.where(in_main, start + tile * BLOCK_N, xstart + (tile - main_tiles) * BLOCK_N)
-        end = gl.where(in_main, stop, xstop)
-        limit = gl.where(in_main, length, xlength)
-        nrows = gl.where(in_main, rows, xrows)
-        ids = gl.where(in_main, idx_row, xidx_row)
-        src = gl.where(in_main, cache_ptr, xcache_ptr)
-    else:
-        first = start + tile * BLOCK_N
-        end = stop
-        limit = length
-        nrows = rows
-        ids = idx_row
-        src = cache_ptr
+    """The ``tl`` kernel's _tile_bounds with the tile's positions j [BLOCK_N] (in LAYOUT) in place
+    of its first one."""
+    first, end, limit, nrows, ids, src = _tile_bounds(tile, main_tiles, start, stop, length, rows, idx_row,
+                                                      cache_ptr, xstart, xstop, xlength, xrows, xidx_row,
+                                                      xcache_ptr, BLOCK_N, HAS_EXTRA)
     return first + gl.arange(0, BLOCK_N, layout=LAYOUT), end, limit, nrows, ids, src
 
 

@@ -195,6 +195,12 @@ def wgmma_unsupported_reasons(q: torch.Tensor, cache: torch.Tensor, extra_cache:
     return reasons
 
 
+def tl_fallback(config: MlaConfig) -> MlaConfig:
+    """The ``tl`` launch that runs a WGMMA config where the Gluon kernel cannot: the same heads,
+    warps and split, at most 32 keys a step and two stages (64 keys spill there at 64 heads)."""
+    return dataclasses.replace(config, WGMMA=False, BLOCK_N=min(config.BLOCK_N, 32), num_stages=2)
+
+
 def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_cache, extra_indices,
            extra_topk_length, out, lse_out, config: MlaConfig) -> None:
     """Launch with an explicit config (the tuner and build-check use this).
@@ -203,7 +209,7 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
     runs the ``tl`` kernel with the same heads, split and warps instead."""
     num_tokens, num_heads, head_dim = q.shape
     if config.WGMMA and wgmma_unsupported_reasons(q, cache, extra_cache, config):
-        config = dataclasses.replace(config, WGMMA=False, BLOCK_N=min(config.BLOCK_N, 32), num_stages=2)
+        config = tl_fallback(config)
     main, tail = split_dims(head_dim)
     topk = indices.shape[1]
     has_extra = extra_cache is not None
@@ -360,6 +366,9 @@ def build_variants(arch: str):
     if arch == "sm90":
         jobs |= {(dim, has_extra, tune_config(shape, split)) for shape in _TUNE_SHAPES for split in (1, 2)
                  for dim, has_extra in ((576, False), (512, True))}
+    # A WGMMA launch runs the Gluon kernel (every shape of it is in _wgmma_builds) or, where that
+    # cannot take the inputs, the tl kernel with tl_fallback's config: that is the tl build.
+    jobs = {(dim, has_extra, tl_fallback(cfg) if cfg.WGMMA else cfg) for dim, has_extra, cfg in jobs}
     # The split count is a runtime argument of the decode kernel: one build per
     # "partial or not"; the reduce is built per split (its block shapes follow it).
     reduce_splits = sorted({cfg.SPLIT for *_, cfg in jobs if cfg.SPLIT > 1})

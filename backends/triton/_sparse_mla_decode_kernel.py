@@ -147,10 +147,7 @@ def _attend(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, q_tail, cache_ptr, idx_row, le
         s = _dot(q_lo, tl.trans(k_lo), s, IEEE)
         s = _dot(q_hi, tl.trans(k_hi), s, IEEE)
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+        p, alpha, m_new = _softmax_step(s, m_i)
         l_i = l_i * alpha + tl.sum(p, 1)
         pb = p.to(k_lo.dtype)
         acc_lo = _dot(pb, k_lo, acc_lo * alpha[:, None], IEEE)
@@ -158,6 +155,27 @@ def _attend(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, q_tail, cache_ptr, idx_row, le
             acc_hi = _dot(pb, k_hi, acc_hi * alpha[:, None], IEEE)
         m_i = m_new
     return acc_lo, acc_hi, m_i, l_i
+
+
+@triton.jit
+def _softmax_step(s, m_i):
+    """One online-softmax step over scores s [heads, keys] (base 2, -inf where a key does not
+    count) with the running row maximum m_i: (p = exp2(s - new max), the factor alpha that
+    rescales what was accumulated so far, the new maximum). A row with no key so far keeps
+    p = 0 and alpha = 1. (The Gluon kernel calls this too.)"""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    return tl.exp2(s - m_safe[:, None]), alpha, m_new
+
+
+@triton.jit
+def _normaliser(l_i, m_i):
+    """From the softmax sum l_i and base-2 maximum m_i per head: (whether it saw a key, its
+    base-2 lse, -inf without a key; 1 / l, 1 without a key)."""
+    has_key = l_i > 0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    return has_key, tl.where(has_key, m_i + tl.log2(l_safe), float("-inf")), 1.0 / l_safe
 
 
 @triton.jit
@@ -227,12 +245,9 @@ def sparse_mla_decode_kernel(
     # addresses and masks would stay live through it (and spill there).
     heads = heads + (l_i < 0).to(tl.int32)
     head_ok = heads < num_heads
-    has_key = l_i > 0
-    l_safe = tl.where(has_key, l_i, 1.0)
-    lse2 = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))
     # One per-head factor (1 / l, times the sink's share for a final output)
     # and one multiply per element: fewer live values than a divide.
-    row_scale = 1.0 / l_safe
+    has_key, lse2, row_scale = _normaliser(l_i, m_i)
     if HAS_SINK and not PARTIAL:
         row_scale = row_scale * _sink_factor(lse2, sink_ptr, heads, head_ok)
     dv_cols = tl.arange(0, HALF)

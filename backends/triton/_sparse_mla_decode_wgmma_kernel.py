@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
 )
 
-from rocmoe.backends.triton._sparse_mla_decode_kernel import _tile_bounds
+from rocmoe.backends.triton._sparse_mla_decode_kernel import _normaliser, _softmax_step, _tile_bounds
 
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _async_gather = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -204,10 +204,7 @@ def sparse_mla_decode_wgmma_kernel(
         else:
             s = warpgroup_mma(q_main_smem, keys.permute((1, 0)), s, use_acc=False)
         s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - m_safe[:, None])
+        p, alpha, m_new = _softmax_step(s, m_i)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
         p_smem.store(p.to(gl.bfloat16))
@@ -220,10 +217,7 @@ def sparse_mla_decode_wgmma_kernel(
     m_o = gl.convert_layout(m_i, ROWS_O)
     heads = head_block * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROWS_O)
     head_ok = heads < num_heads
-    has_key = l_o > 0
-    l_safe = gl.where(has_key, l_o, 1.0)
-    lse2 = gl.where(has_key, m_o + gl.log2(l_safe), float("-inf"))
-    row_scale = 1.0 / l_safe
+    has_key, lse2, row_scale = _normaliser(l_o, m_o)
     if HAS_SINK and not PARTIAL:
         sink = gl.load(sink_ptr + heads, mask=head_ok, other=0.0)
         row_scale = row_scale / (1.0 + gl.exp2(sink * _LOG2E - lse2))

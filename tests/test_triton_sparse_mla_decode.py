@@ -239,7 +239,7 @@ def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only():
 
 
 def test_build_check_builds_the_wgmma_kernel_for_sm90_only():
-    from rocmoe.backends.triton.sparse_mla_decode import _WGMMA_KERNEL, _WGMMA_TUNE_SHAPES, build_variants
+    from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES, _WGMMA_KERNEL, _WGMMA_TUNE_SHAPES, build_variants
 
     sm90 = [b for b in build_variants("sm90") if b.kernel == _WGMMA_KERNEL]
     # each (keys, stages) x D 576 / 512 + extra, final / partial, int32 / int64
@@ -247,8 +247,6 @@ def test_build_check_builds_the_wgmma_kernel_for_sm90_only():
     assert not [b for arch in ("sm100", "gfx942", "gfx950") for b in build_variants(arch) if b.kernel == _WGMMA_KERNEL]
     # A WGMMA table entry's tl build is its fallback launch (64 keys a step would spill there), so
     # every tl build on sm90 is a shape the tuner probed.
-    from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES
-
     def shape(build):
         c, o = dict(build.constexprs), dict(build.options)
         return c["BLOCK_H"], c["BLOCK_N"], o["num_warps"], o["num_stages"], c["IDS_AHEAD"], c["DV_SPLIT"]

@@ -118,9 +118,10 @@ def _hopper_heuristic(regime: Mapping[str, int]) -> MlaConfig:
     keys, two stages (two programs per SM)."""
     heads = regime["heads"]
     if heads >= WGMMA_BLOCK_H:
-        split = _split_for(regime["tokens"], -(-heads // WGMMA_BLOCK_H), regime["keys"], 64,
+        block_n, stages = 64, 2
+        split = _split_for(regime["tokens"], -(-heads // WGMMA_BLOCK_H), regime["keys"], block_n,
                            regime["compute_units"], 1)
-        return MlaConfig(WGMMA_BLOCK_H, 64, WGMMA_WARPS, 2, split, WGMMA=True)
+        return wgmma_config((block_n, stages), split)
     split = _split_for(regime["tokens"], -(-heads // 16), regime["keys"], 64, regime["compute_units"], 2)
     return MlaConfig(16, 64, 4, 2, split)
 
@@ -366,13 +367,13 @@ def build_variants(arch: str):
     if arch == "sm90":
         jobs |= {(dim, has_extra, tune_config(shape, split)) for shape in _TUNE_SHAPES for split in (1, 2)
                  for dim, has_extra in ((576, False), (512, True))}
-    # A WGMMA launch runs the Gluon kernel (every shape of it is in _wgmma_builds) or, where that
-    # cannot take the inputs, the tl kernel with tl_fallback's config: that is the tl build.
-    jobs = {(dim, has_extra, tl_fallback(cfg) if cfg.WGMMA else cfg) for dim, has_extra, cfg in jobs}
     # The split count is a runtime argument of the decode kernel: one build per
     # "partial or not"; the reduce is built per split (its block shapes follow it).
+    # A WGMMA launch runs the Gluon kernel (every shape of it is in _wgmma_builds) or, where that
+    # cannot take the inputs, the tl kernel with tl_fallback's config: that is its tl build.
     reduce_splits = sorted({cfg.SPLIT for *_, cfg in jobs if cfg.SPLIT > 1})
-    jobs = {(dim, has_extra, dataclasses.replace(cfg, SPLIT=min(cfg.SPLIT, 2))) for dim, has_extra, cfg in jobs}
+    jobs = {(dim, has_extra, dataclasses.replace(tl_fallback(cfg) if cfg.WGMMA else cfg, SPLIT=min(cfg.SPLIT, 2)))
+            for dim, has_extra, cfg in jobs}
     builds = []
     for (dim, has_extra, cfg), wide in itertools.product(sorted(jobs, key=repr), (False, True)):
         main, tail = split_dims(dim)

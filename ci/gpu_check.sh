@@ -7,6 +7,9 @@
 #                                   call rocmoe bench of OP with that table (triton, torch) and with the
 #                                   installed one (triton), and ci/bench_compare.py of the two
 #   bash ci/gpu_check.sh bench ARGS rocmoe bench ARGS, JSON/markdown/plot under $OUT
+#   bash ci/gpu_check.sh pingpong   the work-in-progress ping-pong MLA kernel (ci/mla_pingpong_kernel.py):
+#                                   the Gluon kernel's GPU tests with it swapped in (a hang is cut at 180 s),
+#                                   then both kernels checked and timed at the 64+-head SPEC shapes, then memcheck
 #   bash ci/gpu_check.sh firstcall DIR  first-call latency per op in fresh processes, with an empty
 #                                   Triton cache and with a copy of DIR (made by rocmoe precompile)
 # The wheel is installed with --no-deps into the machine's python (torch is there)
@@ -52,6 +55,19 @@ case "$what" in
     rocmoe bench --op "$op" --backend triton --json "$OUT/bench_previous.json" 2>&1 | grep -v -i warn \
       > "$OUT/bench_previous.txt"
     python3 "$repo/ci/bench_compare.py" "$OUT/bench_previous.json" "$OUT/bench_new.json" | tee "$OUT/compare.md"
+    ;;
+  pingpong)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    timeout 180 python3 "$repo/ci/mla_pingpong.py" --pytest 2>&1 | tail -15 | tee "$OUT/pingpong_tests.txt"
+    echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/pingpong_tests.txt"
+    for model in "dsv32 --heads 128" "dsv4-pro --heads 128" "dsv4-flash --heads 64"; do
+      # shellcheck disable=SC2086 # the model and its heads are two arguments
+      timeout 150 python3 "$repo/ci/mla_pingpong.py" --model $model --tokens 8 64 512 2>&1 | grep -v -i warn
+    done | tee "$OUT/pingpong_times.txt"
+    timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$repo/ci/mla_pingpong.py" --pytest \
+      tests/test_gpu.py -q -p no:cacheprovider -m gpu -k "wgmma_kernel and 128" 2>&1 | tail -6 \
+      | tee "$OUT/pingpong_sanitizer.txt"
+    echo "sanitizer exit: ${PIPESTATUS[0]}"
     ;;
   firstcall)
     cache=$repo/${1:?usage: gpu_check.sh firstcall PRECOMPILED_CACHE_DIR}

@@ -56,8 +56,9 @@ def main() -> None:
     parser.add_argument("--model", default="dsv32", choices=sorted(MLA_MODELS))
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--tokens", type=int, nargs="+", default=[8, 64, 512])
-    parser.add_argument("--pytest", nargs="*", default=None, help="run these pytest arguments with the swap "
-                        "(default: the Gluon kernel's feature test)")
+    parser.add_argument("--pytest", nargs=argparse.REMAINDER, default=None,
+                        help="run the rest of the command line as pytest arguments, with the swap (default: the "
+                        "Gluon kernel's GPU tests)")
     args = parser.parse_args()
     swap = _install()
     if args.pytest is not None:

@@ -40,11 +40,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma
 
-from rocmoe.backends.triton._sparse_mla_decode_kernel import _normaliser, _sink_factor, _tile_bounds
-
-_async_gather = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-
-_LN2 = gl.constexpr(0.6931471805599453)
+from rocmoe.backends.triton._sparse_mla_decode_wgmma_kernel import (
+    _async_gather,
+    _row_pointers,
+    _tile_rows,
+    _walk,
+    _write_result,
+)
 
 # Registers per thread of each partition (multiples of 8; the three sum to 504 = 65536 / 128 with
 # the kernel's maxnreg = 168 over 12 warps).
@@ -54,40 +56,12 @@ MAXNREG = 168
 
 
 @gluon.jit
-def _walk(t, part, head_block, topk, xtopk, chunk, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride, xidx_stride,
-          BLOCK_N: gl.constexpr, HAS_LEN: gl.constexpr, HAS_EXTRA: gl.constexpr, HAS_XLEN: gl.constexpr):
-    """This program's key walk (the ``tl`` kernel's): (start, main_stop, length, idx_row, xstart,
-    xstop, xlength, xidx_row, main_tiles, tiles)."""
-    t64 = t.to(gl.int64)
-    length = gl.load(len_ptr + t) if HAS_LEN else topk
-    xlength = gl.load(xlen_ptr + t) if HAS_XLEN else xtopk
-    start = part * chunk
-    stop = gl.minimum(start + chunk, topk + xtopk)
-    main_stop = gl.minimum(stop, topk)
-    xstart = gl.maximum(start, topk) - topk
-    xstop = stop - topk
-    main_tiles = gl.cdiv(gl.maximum(main_stop - start, 0), BLOCK_N)
-    tiles = main_tiles
-    if HAS_EXTRA:
-        tiles += gl.cdiv(gl.maximum(xstop - xstart, 0), BLOCK_N)
-    return (start, main_stop, length, idx_ptr + t64 * idx_stride, xstart, xstop, xlength, xidx_ptr + t64 * xidx_stride,
-            main_tiles, tiles)
-
-
-@gluon.jit
 def _rows(tile, walk, rows, xrows, cache_ptr, xcache_ptr, BLOCK_N: gl.constexpr, HAS_EXTRA: gl.constexpr,
           LAYOUT: gl.constexpr):
-    """(whether each of the tile's keys counts, its cache base pointer, its row or 0) in LAYOUT;
-    a tile past the last one counts no key."""
-    start, main_stop, length, idx_row, xstart, xstop, xlength, xidx_row, main_tiles, tiles = walk
-    first, end, limit, nrows, ids, src = _tile_bounds(tile, main_tiles, start, main_stop, length, rows, idx_row,
-                                                      cache_ptr, xstart, xstop, xlength, xrows, xidx_row,
-                                                      xcache_ptr, BLOCK_N, HAS_EXTRA)
-    j = first + gl.arange(0, BLOCK_N, layout=LAYOUT)
-    in_walk = (j < end) & (tile < tiles)
-    idx = gl.load(ids + j, mask=in_walk, other=-1)
-    valid = in_walk & (j < limit) & (idx >= 0) & (idx < nrows)
-    return valid, src, gl.where(valid, idx, 0)
+    """The shipped kernel's _tile_rows for a _walk tuple (a tile past the last one counts no key)."""
+    start, main_stop, length, idx_row, xstart, xstop, xlength, xidx_row, main_tiles, _ = walk
+    return _tile_rows(tile, main_tiles, start, main_stop, length, rows, idx_row, cache_ptr, xstart, xstop, xlength,
+                      xrows, xidx_row, xcache_ptr, BLOCK_N, HAS_EXTRA, LAYOUT)
 
 
 @gluon.jit
@@ -106,8 +80,8 @@ def _producer(q_ptr, cache_ptr, idx_ptr, len_ptr, xcache_ptr, xidx_ptr, xlen_ptr
     head_block = pid % head_blocks
     part = (pid // head_blocks) % split
     t = pid // (head_blocks * split)
-    walk = _walk(t, part, head_block, topk, xtopk, chunk, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride,
-                 xidx_stride, BLOCK_N, HAS_LEN, HAS_EXTRA, HAS_XLEN)
+    walk = _walk(t, part, topk, xtopk, chunk, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride, xidx_stride, BLOCK_N,
+                 HAS_LEN, HAS_EXTRA, HAS_XLEN)
     tiles = walk[9]
 
     heads = head_block * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, COPY))
@@ -134,13 +108,6 @@ def _producer(q_ptr, cache_ptr, idx_ptr, len_ptr, xcache_ptr, xidx_ptr, xlen_ptr
         _gather_half(rows1, valid1, 1, 1, k_main, k_tail, k_ready, k_free, phase, HALF, D_TAIL, COPY)
         _gather_half(rows0, valid0, 0, 1, k_main, k_tail, k_ready, k_free, phase, HALF, D_TAIL, COPY)
         _gather_half(rows1, valid1, 1, 0, k_main, k_tail, k_ready, k_free, phase, HALF, D_TAIL, COPY)
-
-
-@gluon.jit
-def _row_pointers(src, idx, D: gl.constexpr, WIDE: gl.constexpr):
-    if WIDE:
-        return src + idx.to(gl.int64)[:, None] * D
-    return src + (idx * D)[:, None]
 
 
 @gluon.jit
@@ -211,8 +178,8 @@ def _compute(q_ptr, cache_ptr, idx_ptr, len_ptr, xcache_ptr, xidx_ptr, xlen_ptr,
     part = (pid // head_blocks) % split
     t = pid // (head_blocks * split)
     t64 = t.to(gl.int64)
-    walk = _walk(t, part, head_block, topk, xtopk, chunk, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride,
-                 xidx_stride, BLOCK_N, HAS_LEN, HAS_EXTRA, HAS_XLEN)
+    walk = _walk(t, part, topk, xtopk, chunk, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride, xidx_stride, BLOCK_N,
+                 HAS_LEN, HAS_EXTRA, HAS_XLEN)
     tiles = walk[9]
 
     acc = gl.zeros([BLOCK_H, HALF], gl.float32, O_LAYOUT)
@@ -279,27 +246,10 @@ def _compute(q_ptr, cache_ptr, idx_ptr, len_ptr, xcache_ptr, xidx_ptr, xlen_ptr,
     mbarrier.wait(l_ready.index(1 - G), 0)
     l_i = l_own + l_smem.index(1 - G).load(ROWS_S)
 
-    l_o = gl.convert_layout(l_i, ROWS_O)
-    m_o = gl.convert_layout(m_run, ROWS_O)
     heads = head_block * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROWS_O)
-    head_ok = heads < num_heads
-    has_key, lse2, row_scale = _normaliser(l_o, m_o)
-    if HAS_SINK and not PARTIAL:
-        row_scale = row_scale * _sink_factor(lse2, sink_ptr, heads, head_ok)
-    cols = G * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, O_LAYOUT))
-    mask = head_ok[:, None] & (cols < d_v)[None, :]
-    result = acc * row_scale[:, None]
-    if not PARTIAL:
-        out_rows = out_ptr + t64 * out_stride_t + heads[:, None].to(gl.int64) * out_stride_h
-        gl.store(out_rows + cols[None, :], result.to(out_ptr.dtype.element_ty), mask=mask)
-        if G == 0:
-            gl.store(lse_ptr + t64 * lse_stride + heads, gl.where(has_key, lse2 * _LN2, float("inf")), mask=head_ok)
-    else:
-        slot = t64 * split + part
-        if G == 0:
-            gl.store(part_lse_ptr + slot * num_heads + heads, lse2, mask=head_ok)
-        part_rows = part_out_ptr + (slot * num_heads + heads[:, None].to(gl.int64)) * d_v
-        gl.store(part_rows + cols[None, :], result, mask=mask)
+    _write_result(acc, gl.convert_layout(l_i, ROWS_O), gl.convert_layout(m_run, ROWS_O), heads, G * HALF, t64, part,
+                  num_heads, d_v, split, sink_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, out_stride_t,
+                  out_stride_h, lse_stride, HAS_SINK, PARTIAL, G == 0)
 
 
 @gluon.jit(do_not_specialize=["rows", "xrows", "split"])

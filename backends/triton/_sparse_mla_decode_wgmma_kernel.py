@@ -76,20 +76,78 @@ def _tile_rows(tile, main_tiles, start, stop, length, rows, idx_row, cache_ptr, 
 
 
 @gluon.jit
+def _row_pointers(src, idx, D: gl.constexpr, WIDE: gl.constexpr):
+    """[rows, 1] pointers to the start of each cache row idx (int64 offsets where the cache passes 2^31
+    elements)."""
+    if WIDE:
+        return src + idx.to(gl.int64)[:, None] * D
+    return src + (idx * D)[:, None]
+
+
+@gluon.jit
 def _gather_tile(valid, src, idx, slot, k_main_smem, k_tail_smem, D: gl.constexpr, D_MAIN: gl.constexpr,
                  D_TAIL: gl.constexpr, WIDE: gl.constexpr, COPY: gl.constexpr):
     """Start the asynchronous copy of a key tile's rows (_tile_rows, in COPY's row slice) into
     ring slot ``slot``; rows that do not count (all of them past the last tile) are zero-filled."""
-    if WIDE:
-        row_ptr = src + idx.to(gl.int64)[:, None] * D
-    else:
-        row_ptr = src + (idx * D)[:, None]
+    row_ptr = _row_pointers(src, idx, D, WIDE)
     _async_gather(k_main_smem.index(slot), row_ptr + gl.arange(0, D_MAIN, layout=gl.SliceLayout(0, COPY))[None, :],
                   mask=valid[:, None])
     if D_TAIL > 0:
         _async_gather(k_tail_smem.index(slot),
                       row_ptr + D_MAIN + gl.arange(0, D_TAIL, layout=gl.SliceLayout(0, COPY))[None, :],
                       mask=valid[:, None])
+
+
+@gluon.jit
+def _walk(t, part, topk, xtopk, chunk, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride, xidx_stride,
+          BLOCK_N: gl.constexpr, HAS_LEN: gl.constexpr, HAS_EXTRA: gl.constexpr, HAS_XLEN: gl.constexpr):
+    """Query t's key chunk ``part``: (start, main_stop, length, idx_row, xstart, xstop, xlength,
+    xidx_row, main_tiles, tiles), the scalars _tile_rows walks its BLOCK_N-key tiles with
+    (the indexed keys, then V4's extra keys, in tiles that never straddle the two lists)."""
+    t64 = t.to(gl.int64)
+    length = gl.load(len_ptr + t) if HAS_LEN else topk
+    xlength = gl.load(xlen_ptr + t) if HAS_XLEN else xtopk
+    start = part * chunk
+    stop = gl.minimum(start + chunk, topk + xtopk)
+    idx_row = idx_ptr + t64 * idx_stride
+    xidx_row = xidx_ptr + t64 * xidx_stride
+    main_stop = gl.minimum(stop, topk)
+    xstart = gl.maximum(start, topk) - topk
+    xstop = stop - topk
+    main_tiles = gl.cdiv(gl.maximum(main_stop - start, 0), BLOCK_N)
+    tiles = main_tiles
+    if HAS_EXTRA:
+        tiles += gl.cdiv(gl.maximum(xstop - xstart, 0), BLOCK_N)
+    return start, main_stop, length, idx_row, xstart, xstop, xlength, xidx_row, main_tiles, tiles
+
+
+@gluon.jit
+def _write_result(acc, l_i, m_i, heads, col0, t64, part, num_heads, d_v, split, sink_ptr, out_ptr, lse_ptr,
+                  part_out_ptr, part_lse_ptr, out_stride_t, out_stride_h, lse_stride, HAS_SINK: gl.constexpr,
+                  PARTIAL: gl.constexpr, WRITE_LSE: gl.constexpr):
+    """Normalise acc [heads, columns col0 onwards] (fp32, at base-2 maximum m_i with softmax sum l_i
+    per head) and store it: the output (and, if WRITE_LSE, the natural-log lse, +inf without a key; the sink
+    applied), or for a split launch this chunk's partials [T, SPLIT, H, d_v] fp32 and base-2
+    lse [T, SPLIT, H]."""
+    head_ok = heads < num_heads
+    has_key, lse2, row_scale = _normaliser(l_i, m_i)
+    if HAS_SINK and not PARTIAL:
+        sink = gl.load(sink_ptr + heads, mask=head_ok, other=0.0)
+        row_scale = row_scale / (1.0 + gl.exp2(sink * _LOG2E - lse2))
+    cols = col0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
+    mask = head_ok[:, None] & (cols < d_v)[None, :]
+    result = acc * row_scale[:, None]
+    if not PARTIAL:
+        out_rows = out_ptr + t64 * out_stride_t + heads[:, None].to(gl.int64) * out_stride_h
+        gl.store(out_rows + cols[None, :], result.to(out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_LSE:
+            gl.store(lse_ptr + t64 * lse_stride + heads, gl.where(has_key, lse2 * _LN2, float("inf")), mask=head_ok)
+    else:
+        slot = t64 * split + part
+        if WRITE_LSE:
+            gl.store(part_lse_ptr + slot * num_heads + heads, lse2, mask=head_ok)
+        part_rows = part_out_ptr + (slot * num_heads + heads[:, None].to(gl.int64)) * d_v
+        gl.store(part_rows + cols[None, :], result, mask=mask)
 
 
 @gluon.jit(do_not_specialize=["rows", "xrows", "split"])
@@ -148,19 +206,9 @@ def sparse_mla_decode_wgmma_kernel(
         _async_gather(q_tail_smem, q_rows + D_MAIN + gl.arange(0, D_TAIL, layout=gl.SliceLayout(0, COPY))[None, :],
                       mask=q_ok)
 
-    length = gl.load(len_ptr + t) if HAS_LEN else topk
-    xlength = gl.load(xlen_ptr + t) if HAS_XLEN else xtopk
-    start = part * chunk
-    stop = gl.minimum(start + chunk, topk + xtopk)
-    idx_row = idx_ptr + t64 * idx_stride
-    xidx_row = xidx_ptr + t64 * xidx_stride
-    main_stop = gl.minimum(stop, topk)
-    xstart = gl.maximum(start, topk) - topk
-    xstop = stop - topk
-    main_tiles = gl.cdiv(gl.maximum(main_stop - start, 0), BLOCK_N)
-    tiles = main_tiles
-    if HAS_EXTRA:
-        tiles += gl.cdiv(gl.maximum(xstop - xstart, 0), BLOCK_N)
+    start, main_stop, length, idx_row, xstart, xstop, xlength, xidx_row, main_tiles, tiles = _walk(
+        t, part, topk, xtopk, chunk, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride, xidx_stride, BLOCK_N,
+        HAS_LEN, HAS_EXTRA, HAS_XLEN)
 
     for ahead in gl.static_range(STAGES - 1):
         first_valid, first_src, first_idx = _tile_rows(ahead, main_tiles, start, main_stop, length, rows, idx_row,
@@ -216,21 +264,5 @@ def sparse_mla_decode_wgmma_kernel(
     l_o = gl.convert_layout(l_i, ROWS_O)
     m_o = gl.convert_layout(m_i, ROWS_O)
     heads = head_block * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROWS_O)
-    head_ok = heads < num_heads
-    has_key, lse2, row_scale = _normaliser(l_o, m_o)
-    if HAS_SINK and not PARTIAL:
-        sink = gl.load(sink_ptr + heads, mask=head_ok, other=0.0)
-        row_scale = row_scale / (1.0 + gl.exp2(sink * _LOG2E - lse2))
-    cols = gl.arange(0, D_MAIN, layout=gl.SliceLayout(0, O_LAYOUT))
-    mask = head_ok[:, None] & (cols < d_v)[None, :]
-    result = acc * row_scale[:, None]
-    if not PARTIAL:
-        out_rows = out_ptr + t64 * out_stride_t + heads[:, None].to(gl.int64) * out_stride_h
-        gl.store(out_rows + cols[None, :], result.to(out_ptr.dtype.element_ty), mask=mask)
-        gl.store(lse_ptr + t64 * lse_stride + heads, gl.where(has_key, lse2 * _LN2, float("inf")), mask=head_ok)
-    else:
-        # Partials: [T, SPLIT, H, d_v] fp32 (normalised by this chunk's l) and [T, SPLIT, H] base-2 lse.
-        slot = t64 * split + part
-        gl.store(part_lse_ptr + slot * num_heads + heads, lse2, mask=head_ok)
-        part_rows = part_out_ptr + (slot * num_heads + heads[:, None].to(gl.int64)) * d_v
-        gl.store(part_rows + cols[None, :], result, mask=mask)
+    _write_result(acc, l_o, m_o, heads, 0, t64, part, num_heads, d_v, split, sink_ptr, out_ptr, lse_ptr,
+                  part_out_ptr, part_lse_ptr, out_stride_t, out_stride_h, lse_stride, HAS_SINK, PARTIAL, True)

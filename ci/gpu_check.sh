@@ -7,9 +7,9 @@
 #                                   call rocmoe bench of OP with that table (triton, torch) and with the
 #                                   installed one (triton), and ci/bench_compare.py of the two
 #   bash ci/gpu_check.sh bench ARGS rocmoe bench ARGS, JSON/markdown/plot under $OUT
-#   bash ci/gpu_check.sh pingpong   the work-in-progress ping-pong MLA kernel (ci/mla_pingpong_kernel.py):
-#                                   the Gluon kernel's GPU tests with it swapped in (a hang is cut at 150 s and ends the call),
-#                                   then both kernels checked and timed at the 64+-head SPEC shapes, then memcheck
+#   bash ci/gpu_check.sh pingpong   the warp-specialised MLA kernel (config PINGPONG): a small case, the Gluon
+#                                   kernels' GPU tests (a hang in either ends the call), it and the wgmma kernel
+#                                   checked and timed at the 64+-head SPEC shapes, then memcheck
 #   bash ci/gpu_check.sh firstcall DIR  first-call latency per op in fresh processes, with an empty
 #                                   Triton cache and with a copy of DIR (made by rocmoe precompile)
 # The wheel is installed with --no-deps into the machine's python (torch is there)
@@ -57,22 +57,27 @@ case "$what" in
     python3 "$repo/ci/bench_compare.py" "$OUT/bench_previous.json" "$OUT/bench_new.json" | tee "$OUT/compare.md"
     ;;
   pingpong)
+    # The warp-specialised MLA kernel (config PINGPONG): one small case first, so that a hang
+    # costs 90 s and ends the call; its GPU tests (a hang is cut at 150 s and ends the call);
+    # it and the wgmma kernel at the same split, alternating, at the 64+-head SPEC shapes; memcheck.
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    # One small case first: a hang there costs 90 s, not the tests' 150.
-    timeout 90 python3 "$repo/ci/mla_pingpong.py" --model dsv32 --heads 64 --tokens 2 2>&1 | grep -v -i warn \
-      | tee "$OUT/pingpong_smoke.txt"
+    wgmma=64,64,8,2,0,0,1,1,0
+    pingpong=64,64,8,2,0,0,1,1,1
+    timeout 90 python3 "$repo/ci/mla_sweep.py" --model dsv32 --heads 64 --tokens 2 --only --config $pingpong 2>&1 \
+      | grep -v -i warn | tee "$OUT/pingpong_smoke.txt"
     [ "${PIPESTATUS[0]}" = 124 ] && echo "smoke run hung" && exit 124
-    timeout 150 python3 "$repo/ci/mla_pingpong.py" --pytest 2>&1 | tail -15 | tee "$OUT/pingpong_tests.txt"
+    timeout 150 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -m gpu -k "wgmma_kernel" 2>&1 | tail -15 \
+      | tee "$OUT/pingpong_tests.txt"
     status=${PIPESTATUS[0]}
     echo "tests exit: $status" | tee -a "$OUT/pingpong_tests.txt"
-    # A hang would hang the timings too: stop here.
     [ "$status" = 124 ] && exit 124
     for model in "dsv32 --heads 128" "dsv4-pro --heads 128" "dsv4-flash --heads 64"; do
       # shellcheck disable=SC2086 # the model and its heads are two arguments
-      timeout 150 python3 "$repo/ci/mla_pingpong.py" --model $model --tokens 8 64 512 2>&1 | grep -v -i warn
+      timeout 150 python3 "$repo/ci/mla_sweep.py" --model $model --tokens 8 64 512 --only \
+        --config $wgmma $pingpong $wgmma $pingpong 2>&1 | grep -v -i warn
     done | tee "$OUT/pingpong_times.txt"
-    timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$repo/ci/mla_pingpong.py" --pytest \
-      tests/test_gpu.py -q -p no:cacheprovider -m gpu -k "wgmma_kernel and 128" 2>&1 | tail -6 \
+    timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest tests/test_gpu.py -q \
+      -p no:cacheprovider -m gpu -k "wgmma_kernel and pingpong and 128" 2>&1 | tail -6 \
       | tee "$OUT/pingpong_sanitizer.txt"
     echo "sanitizer exit: ${PIPESTATUS[0]}"
     ;;

@@ -22,8 +22,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 128])
     parser.add_argument("--config", nargs="*", default=[],
-                        help="BLOCK_H,BLOCK_N,warps,stages,SPLIT[,IDS_AHEAD[,DV_SPLIT[,WGMMA]]] (SPLIT 0: the "
-                             "chosen config's)")
+                        help="BLOCK_H,BLOCK_N,warps,stages,SPLIT[,IDS_AHEAD[,DV_SPLIT[,WGMMA[,PINGPONG]]]] (SPLIT 0: "
+                             "the chosen config's)")
     parser.add_argument("--only", action="store_true", help="time only --config, not the chosen config")
     parser.add_argument("--once", action="store_true", help="one launch per config, untimed (for a profiler)")
     args = parser.parse_args()
@@ -48,8 +48,9 @@ def main() -> None:
         configs = [] if args.only else [chosen]
         for text in args.config:
             fields = [*map(int, text.split(","))]
-            bh, bn, warps, stages, split, ahead, dv_split, wgmma = fields + [0, 1, 0][len(fields) - 5:]
-            configs.append(MlaConfig(bh, bn, warps, stages, split or chosen.SPLIT, bool(ahead), dv_split, bool(wgmma)))
+            bh, bn, warps, stages, split, ahead, dv_split, wgmma, pingpong = fields + [0, 1, 0, 0][len(fields) - 5:]
+            configs.append(MlaConfig(bh, bn, warps, stages, split or chosen.SPLIT, bool(ahead), dv_split, bool(wgmma),
+                                     bool(pingpong)))
         key_bytes = tokens * keys * model.dim * 2
         for config in configs:
             if args.once:

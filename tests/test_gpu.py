@@ -286,17 +286,20 @@ def test_triton_topk_graph_capture_without_host_bound(cuda, gen):
 
 
 def _wgmma_configs():
-    from rocmoe.backends.triton.sparse_mla_decode import _WGMMA_TUNE_SHAPES, wgmma_config
+    from rocmoe.backends.triton.sparse_mla_decode import _WGMMA_TUNE_SHAPES, pingpong_config, wgmma_config
 
-    return [wgmma_config(shape, split) for shape in _WGMMA_TUNE_SHAPES for split in (1, 3)]
+    # Split 3 leaves chunks of an odd number of 64-key tiles (the ping-pong kernel's last pair is half empty).
+    return ([wgmma_config(shape, split) for shape in _WGMMA_TUNE_SHAPES for split in (1, 3)]
+            + [pingpong_config(split) for split in (1, 3)])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None
                     or torch.cuda.get_device_capability()[0] != 9, reason="the Gluon wgmma kernel is sm90's")
-@pytest.mark.parametrize("config", _wgmma_configs(), ids=repr)
+@pytest.mark.parametrize("config", _wgmma_configs(), ids=lambda c: (f"{'pingpong' if c.PINGPONG else 'wgmma'}-"
+                                                                    f"{c.BLOCK_N}keys-{c.num_stages}stages-split{c.SPLIT}"))
 @pytest.mark.parametrize("dim, extra, heads", [(576, 0, 128), (512, 40, 128), (576, 0, 80), (512, 40, 64)])
 def test_triton_mla_wgmma_kernel_with_every_feature(cuda, gen, config, dim, extra, heads):
-    # The Gluon kernel (the tuner may put it in the sm90 table) at the models' D: key lengths that end
+    # The Gluon kernels (the tuner may put them in the sm90 table) at the models' D: key lengths that end
     # mid-tile, -1 and out-of-range ids, NaN rows selected only past a length, V4's extra keys and the
     # sink, a query with no key, masked heads (80 = 64 + 16), with and without the split and reduce.
     from test_triton_sparse_mla_decode import _check

@@ -202,22 +202,26 @@ def test_wgmma_kernel_refuses_what_it_cannot_take():
                                        torch.zeros(4, 64, 80, device="meta", dtype=torch.bfloat16), None, config)
     assert "64 heads on 8 warps" in reasons(meta_q, meta_cache, None, MlaConfig(128, 64, 8, 2, 1, WGMMA=True))
     assert "32+ keys" in reasons(meta_q, meta_cache, None, MlaConfig(64, 16, 8, 2, 1, WGMMA=True))
+    assert "ping-pong kernel takes 64 keys" in reasons(meta_q, meta_cache, None,
+                                                       MlaConfig(64, 32, 8, 3, 1, WGMMA=True, PINGPONG=True))
     strided_q = torch.zeros(2, 64, 580, device="meta", dtype=torch.bfloat16)[..., :576]
     assert "q rows" in reasons(strided_q, meta_cache, None, config)
     extra = torch.zeros(4, 64, 580, device="meta", dtype=torch.bfloat16)[..., 1:577]
     assert "extra_kv_cache rows" in reasons(meta_q, meta_cache, extra, config)
 
 
+@pytest.mark.parametrize("pingpong", [False, True])
 @pytest.mark.parametrize("split", [1, 3])
-def test_a_wgmma_config_it_cannot_take_runs_the_tl_kernel(kernel_device, gen, split):
-    # Here (the interpreter, or D = 80 on a GPU) the Gluon kernel cannot run: the same heads, split and
+def test_a_wgmma_config_it_cannot_take_runs_the_tl_kernel(kernel_device, gen, split, pingpong):
+    # Here (the interpreter, or D = 80 on a GPU) the Gluon kernels cannot run: the same heads, split and
     # warps run on the tl kernel, every feature intact.
-    from rocmoe.backends.triton.sparse_mla_decode import wgmma_config
+    from rocmoe.backends.triton.sparse_mla_decode import pingpong_config, wgmma_config
 
     heads, dim, d_v = 70, 80, 64
     q, cache, idx, kw = _problem(gen, 3, heads, dim, topk=37, extra=9, dtype=_dtype(kernel_device))
     kw.update(topk_length=torch.tensor([37, 5, 0], dtype=torch.int32), attn_sink=torch.randn(heads, generator=gen))
-    out, lse = _launch(kernel_device, q, cache, idx, d_v, wgmma_config((64, 2), split), **kw)
+    config = pingpong_config(split) if pingpong else wgmma_config((64, 2), split)
+    out, lse = _launch(kernel_device, q, cache, idx, d_v, config, **kw)
     _check(out, lse, q, cache, idx, d_v, **kw)
 
 
@@ -232,6 +236,10 @@ def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only():
 
     assert {(c.BLOCK_N, c.num_stages) for c in wgmma("sm90", 128)} == set(_WGMMA_TUNE_SHAPES)
     assert all(c.BLOCK_H == 64 and c.num_warps == 8 and c.DV_SPLIT == 1 for c in wgmma("sm90", 128))
+    # The ping-pong kernel beside the wgmma one at 64 keys a step, split for split.
+    pingpong = {c.SPLIT for c in wgmma("sm90", 128) if c.PINGPONG}
+    assert pingpong and pingpong == {c.SPLIT for c in wgmma("sm90", 128) if c.BLOCK_N == 64 and not c.PINGPONG}
+    assert all(c.BLOCK_N == 64 for c in wgmma("sm90", 128) if c.PINGPONG)
     small = wgmma("sm90", 128, tokens=1)
     # Up to 64 chunks at T = 1 (128 programs), never a chunk shorter than a step.
     assert max(c.SPLIT for c in small if c.BLOCK_N == 64) == 32 and max(c.SPLIT for c in small) == 64
@@ -239,12 +247,21 @@ def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only():
 
 
 def test_build_check_builds_the_wgmma_kernel_for_sm90_only():
-    from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES, _WGMMA_KERNEL, _WGMMA_TUNE_SHAPES, build_variants
+    from rocmoe.backends.triton.sparse_mla_decode import (
+        _PINGPONG_KERNEL,
+        _TUNE_SHAPES,
+        _WGMMA_KERNEL,
+        _WGMMA_TUNE_SHAPES,
+        build_variants,
+    )
 
     sm90 = [b for b in build_variants("sm90") if b.kernel == _WGMMA_KERNEL]
     # each (keys, stages) x D 576 / 512 + extra, final / partial, int32 / int64
     assert len(sm90) == len(_WGMMA_TUNE_SHAPES) * 2 * 2 * 2
-    assert not [b for arch in ("sm100", "gfx942", "gfx950") for b in build_variants(arch) if b.kernel == _WGMMA_KERNEL]
+    pingpong = [b for b in build_variants("sm90") if b.kernel == _PINGPONG_KERNEL]
+    assert len(pingpong) == 2 * 2 * 2 and all(dict(b.options)["maxnreg"] for b in pingpong)
+    assert not [b for arch in ("sm100", "gfx942", "gfx950") for b in build_variants(arch)
+                if b.kernel in (_WGMMA_KERNEL, _PINGPONG_KERNEL)]
     # A WGMMA table entry's tl build is its fallback launch (64 keys a step would spill there), so
     # every tl build on sm90 is a shape the tuner probed.
     def shape(build):

@@ -67,6 +67,9 @@ class MlaConfig:
     #: instead of the ``tl`` one; where it cannot (:func:`wgmma_unsupported_reasons`) the
     #: ``tl`` kernel runs.
     WGMMA: bool = False
+    #: with WGMMA and 64 keys a step: the warp-specialised Gluon kernel instead (a gathering
+    #: warpgroup and two computing ones on alternate tiles; 4 + 4 + 4 warps, whatever num_warps says)
+    PINGPONG: bool = False
 
 
 def split_dims(head_dim: int) -> tuple[int, int] | None:
@@ -166,6 +169,18 @@ def _gluon_kernel():
     return sparse_mla_decode_wgmma_kernel
 
 
+def _pingpong_kernel():
+    """The warp-specialised Gluon sm90 kernel and its maxnreg, or None where this Triton lacks it."""
+    try:
+        from rocmoe.backends.triton._sparse_mla_decode_pingpong_kernel import (
+            MAXNREG,
+            sparse_mla_decode_pingpong_kernel,
+        )
+    except (ImportError, AttributeError):  # pragma: no cover - a Triton without Gluon's warp_specialize
+        return None
+    return sparse_mla_decode_pingpong_kernel, MAXNREG
+
+
 def wgmma_unsupported_reasons(q: torch.Tensor, cache: torch.Tensor, extra_cache: torch.Tensor | None,
                               config: MlaConfig) -> list[str]:
     """Why the Gluon wgmma kernel cannot take this launch (empty: it can).
@@ -188,6 +203,10 @@ def wgmma_unsupported_reasons(q: torch.Tensor, cache: torch.Tensor, extra_cache:
         reasons.append(f"the wgmma kernel runs {WGMMA_BLOCK_H} heads on {WGMMA_WARPS} warps without a d_v split")
     if config.BLOCK_N < 32 or config.num_stages < 2:
         reasons.append("the wgmma kernel takes 32+ keys a step and 2+ stages")
+    if config.PINGPONG and config.BLOCK_N != 64:
+        reasons.append("the ping-pong kernel takes 64 keys a step")
+    if config.PINGPONG and _pingpong_kernel() is None:
+        reasons.append("this Triton has no Gluon warp_specialize")
     tensors = [("q", q), ("kv_cache", cache)] + ([("extra_kv_cache", extra_cache)] if extra_cache is not None else [])
     for name, tensor in tensors:
         misaligned = tensor.device.type != "meta" and tensor.data_ptr() % 16
@@ -199,7 +218,7 @@ def wgmma_unsupported_reasons(q: torch.Tensor, cache: torch.Tensor, extra_cache:
 def tl_fallback(config: MlaConfig) -> MlaConfig:
     """The ``tl`` launch that runs a WGMMA config where the Gluon kernel cannot: the same heads,
     warps and split, at most 32 keys a step and two stages (64 keys spill there at 64 heads)."""
-    return dataclasses.replace(config, WGMMA=False, BLOCK_N=min(config.BLOCK_N, 32), num_stages=2)
+    return dataclasses.replace(config, WGMMA=False, PINGPONG=False, BLOCK_N=min(config.BLOCK_N, 32), num_stages=2)
 
 
 def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_cache, extra_indices,
@@ -223,13 +242,17 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
     else:
         part_out = part_lse = lse_out  # never touched
     grid = (num_tokens * split * triton.cdiv(num_heads, config.BLOCK_H) * config.DV_SPLIT,)
-    if config.WGMMA:
-        kernel, extra_constexprs = _gluon_kernel(), {"STAGES": config.num_stages,
-                                                      "P_SWIZZLE": min(128, 2 * config.BLOCK_N)}
+    if config.WGMMA and config.PINGPONG:
+        kernel, maxnreg = _pingpong_kernel()
+        kernel_args = {"maxnreg": maxnreg, "num_warps": 4}  # the default partition; the workers add 8
+    elif config.WGMMA:
+        kernel, kernel_args = _gluon_kernel(), {"STAGES": config.num_stages,
+                                                      "P_SWIZZLE": min(128, 2 * config.BLOCK_N),
+                                                      "num_warps": config.num_warps}
     else:
-        kernel, extra_constexprs = sparse_mla_decode_kernel, {
+        kernel, kernel_args = sparse_mla_decode_kernel, {
             "IEEE": q.dtype == torch.float32, "IDS_AHEAD": config.IDS_AHEAD, "DV_SPLIT": config.DV_SPLIT,
-            "num_stages": config.num_stages}
+            "num_stages": config.num_stages, "num_warps": config.num_warps}
     with launch_device(q):
         kernel[grid](
             q, cache, indices,
@@ -249,7 +272,7 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
             HAS_LEN=topk_length is not None, HAS_EXTRA=has_extra, HAS_XLEN=extra_topk_length is not None,
             HAS_SINK=attn_sink is not None, PARTIAL=split > 1,
             WIDE=max(cache.numel(), extra_cache.numel() if has_extra else 0) >= 2**31,
-            num_warps=config.num_warps, **extra_constexprs,
+            **kernel_args,
         )
         if split > 1:
             block_s, block_dv = reduce_blocks(split)
@@ -300,6 +323,7 @@ BENCH_SHAPES = (("dsv32", 576, 16, 2048, 0), ("dsv32", 576, 128, 2048, 0), ("dsv
 BENCH_TOKENS = (1, 8, 64, 128, 512)
 _KERNELS = "rocmoe.backends.triton._sparse_mla_decode_kernel:"
 _WGMMA_KERNEL = "rocmoe.backends.triton._sparse_mla_decode_wgmma_kernel:sparse_mla_decode_wgmma_kernel"
+_PINGPONG_KERNEL = "rocmoe.backends.triton._sparse_mla_decode_pingpong_kernel:sparse_mla_decode_pingpong_kernel"
 
 
 _DECODE_SIGNATURE = (
@@ -315,8 +339,9 @@ _DECODE_ALIGNED = ("num_heads", "topk", "xtopk", "d_v", "q_stride_t", "q_stride_
 
 
 def _wgmma_builds():
-    """The Gluon kernel under every ``_WGMMA_TUNE_SHAPES`` entry (sm90 only): D = 576 (V3.2) and
-    D = 512 with the extra keys and sink (V4), final and partial, int32 and int64 cache offsets."""
+    """The Gluon kernel under every ``_WGMMA_TUNE_SHAPES`` entry and the ping-pong one (sm90
+    only): D = 576 (V3.2) and D = 512 with the extra keys and sink (V4), final and partial, int32
+    and int64 cache offsets."""
     from rocmoe.build_check import KernelBuild
 
     if _gluon_kernel() is None:  # pragma: no cover - a Triton without Gluon's Hopper API
@@ -335,6 +360,21 @@ def _wgmma_builds():
             label=(f"wgmma D={dim}{' +extra +sink' if extra else ''} BLOCK_H={WGMMA_BLOCK_H} BLOCK_N={block_n} "
                    f"warps={WGMMA_WARPS} stages={stages} "
                    f"{'partial' if partial else 'final'}"
+                   f"{' int64' if wide else ''}"),
+            expects_dot=True))
+    pingpong = _pingpong_kernel()
+    if pingpong is None:  # pragma: no cover - a Triton without Gluon's warp_specialize
+        return builds
+    for (dim, extra), partial, wide in itertools.product(((576, False), (512, True)), (False, True), (False, True)):
+        main, tail = split_dims(dim)
+        builds.append(KernelBuild(
+            op="sparse_mla_decode", kernel=_PINGPONG_KERNEL, signature=_DECODE_SIGNATURE,
+            constexprs=(("D", dim), ("D_MAIN", main), ("D_TAIL", tail), ("BLOCK_H", WGMMA_BLOCK_H),
+                        ("BLOCK_N", _PINGPONG_SHAPE[0]), ("HAS_LEN", extra), ("HAS_EXTRA", extra),
+                        ("HAS_XLEN", extra), ("HAS_SINK", extra), ("PARTIAL", partial), ("WIDE", wide)),
+            options=(("num_warps", 4), ("maxnreg", pingpong[1])), aligned=_DECODE_ALIGNED,
+            label=(f"pingpong D={dim}{' +extra +sink' if extra else ''} BLOCK_H={WGMMA_BLOCK_H} "
+                   f"BLOCK_N={_PINGPONG_SHAPE[0]} warps=4+4+4 {'partial' if partial else 'final'}"
                    f"{' int64' if wide else ''}"),
             expects_dot=True))
     return builds
@@ -437,6 +477,8 @@ _TUNE_SHAPES = ((16, 32, 4, 3, False, 1), (16, 64, 4, 2, False, 1),
 # so CI checks this). On the H100 the first won every regime it was tuned for (ci/mla_sweep.py: 1.13-1.34x
 # the second).
 _WGMMA_TUNE_SHAPES = ((64, 2), (32, 3))
+# The ping-pong kernel's (BLOCK_N, stages): 64-key tiles in two buffers, one per computing warpgroup.
+_PINGPONG_SHAPE = (64, 2)
 
 
 def tune_config(shape: tuple[int, int, int, int, bool, int], split: int) -> MlaConfig:
@@ -449,6 +491,11 @@ def wgmma_config(shape: tuple[int, int], split: int) -> MlaConfig:
     """The launch of a ``_WGMMA_TUNE_SHAPES`` entry with ``split`` key chunks."""
     block_n, stages = shape
     return MlaConfig(WGMMA_BLOCK_H, block_n, WGMMA_WARPS, stages, split, WGMMA=True)
+
+
+def pingpong_config(split: int) -> MlaConfig:
+    """The warp-specialised kernel's launch with ``split`` key chunks (64 keys a step, two buffers)."""
+    return dataclasses.replace(wgmma_config(_PINGPONG_SHAPE, split), PINGPONG=True)
 
 
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfig]:
@@ -468,6 +515,8 @@ def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfi
             programs = tokens * -(-heads // WGMMA_BLOCK_H) * split
             if split == 1 or (keys // split >= shape[0] and programs <= 4 * device.limits.compute_units):
                 cands.append(wgmma_config(shape, split))
+                if shape == _PINGPONG_SHAPE:
+                    cands.append(pingpong_config(split))
     return cands
 
 

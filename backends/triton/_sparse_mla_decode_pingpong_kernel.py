@@ -1,12 +1,10 @@
-"""WORK IN PROGRESS, not part of rocmoe and never run on a GPU yet (it compiles for sm90
-without spills on Triton 3.6 and 3.9): sparse-MLA decode for NVIDIA sm90 with
-warp-specialised partitions. ``ci/mla_pingpong.py`` checks and times it against the shipped
-kernel; once it is right and faster it belongs in ``backends/triton/``.
+"""Sparse-MLA decode for NVIDIA sm90 with warp-specialised partitions (Gluon): the
+``PINGPONG`` variant of the wgmma kernel (``_sparse_mla_decode_wgmma_kernel``), chosen by
+a config's ``PINGPONG`` flag.
 
-Why. The shipped Gluon kernel (``_sparse_mla_decode_wgmma_kernel``) splits
-each 64-key tile's scores between its two warpgroups, so every step crosses
-them twice (row max, P) and the gather is issued by the same warps that wait
-on it. Here:
+Why. The wgmma kernel splits each 64-key tile's scores between its two
+warpgroups, so every step crosses them twice (row max, P), and the gather is
+issued by the same warps that wait on it. Here:
 
 - a producer partition (4 warps) only gathers: Q once, then key tiles into
   two buffers, half a tile (256 columns, the second with the rope tail) at a
@@ -22,15 +20,15 @@ on it. Here:
   a pair: its own P from registers, the other warpgroup's P from shared
   memory.
 
-Same arguments and grid as the shipped Gluon kernel (64 heads, bf16, D = 576
+Same arguments and grid as the wgmma kernel (64 heads, bf16, D = 576
 or 512); launched with num_warps = 4 (the default partition is warpgroup 0)
 plus two 4-warp workers, maxnreg = MAXNREG.
 
-What to check first when it runs: that an mbarrier arrive from a partition
-comes after all its threads' shared stores (Triton emits a partition barrier,
-then one elected arrive), that a consumer's proxy fence after its wait is
-enough for wgmma to see the producer's ``cp.async`` rows, and that no wait
-can deadlock when a chunk has an odd number of tiles.
+Synchronisation. An mbarrier arrive from a compute partition follows all its
+threads' shared stores (Triton emits a partition barrier, then one elected
+arrive); a consumer fences the async proxy after each wait, so its wgmma sees
+the producer's ``cp.async`` rows; a chunk with an odd number of tiles ends
+with a tile of no keys (all masked), so both warpgroups run every pair.
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ def test_a_wgmma_config_it_cannot_take_runs_the_tl_kernel(kernel_device, gen, sp
     _check(out, lse, q, cache, idx, d_v, **kw)
 
 
-def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only():
+def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only(monkeypatch):
     from rocmoe.backends.triton.sparse_mla_decode import _WGMMA_TUNE_SHAPES, _tune_candidates
 
     def wgmma(arch, heads, tokens=64):
@@ -236,10 +236,14 @@ def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only():
 
     assert {(c.BLOCK_N, c.num_stages) for c in wgmma("sm90", 128)} == set(_WGMMA_TUNE_SHAPES)
     assert all(c.BLOCK_H == 64 and c.num_warps == 8 and c.DV_SPLIT == 1 for c in wgmma("sm90", 128))
-    # The ping-pong kernel beside the wgmma one at 64 keys a step, split for split.
-    pingpong = {c.SPLIT for c in wgmma("sm90", 128) if c.PINGPONG}
-    assert pingpong and pingpong == {c.SPLIT for c in wgmma("sm90", 128) if c.BLOCK_N == 64 and not c.PINGPONG}
-    assert all(c.BLOCK_N == 64 for c in wgmma("sm90", 128) if c.PINGPONG)
+    # The ping-pong kernel is not offered yet (PINGPONG_IN_TUNER); once it is, it comes beside the
+    # wgmma one at 64 keys a step, split for split.
+    assert not any(c.PINGPONG for c in wgmma("sm90", 128))
+    monkeypatch.setattr("rocmoe.backends.triton.sparse_mla_decode.PINGPONG_IN_TUNER", True)
+    pingpong = [c for c in wgmma("sm90", 128) if c.PINGPONG]
+    assert {c.SPLIT for c in pingpong} == {c.SPLIT for c in wgmma("sm90", 128) if c.BLOCK_N == 64 and not c.PINGPONG}
+    assert pingpong and all(c.BLOCK_N == 64 for c in pingpong)
+    assert not any(c.PINGPONG for c in wgmma("sm90", 16) + wgmma("sm100", 128))
     small = wgmma("sm90", 128, tokens=1)
     # Up to 64 chunks at T = 1 (128 programs), never a chunk shorter than a step.
     assert max(c.SPLIT for c in small if c.BLOCK_N == 64) == 32 and max(c.SPLIT for c in small) == 64

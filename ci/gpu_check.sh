@@ -7,8 +7,8 @@
 #                                   call rocmoe bench of OP with that table (triton, torch) and with the
 #                                   installed one (triton), and ci/bench_compare.py of the two
 #   bash ci/gpu_check.sh bench ARGS rocmoe bench ARGS, JSON/markdown/plot under $OUT
-#   bash ci/gpu_check.sh pingpong   the warp-specialised MLA kernel (config PINGPONG): a small case, the Gluon
-#                                   kernels' GPU tests (a hang in either ends the call), it and the wgmma kernel
+#   bash ci/gpu_check.sh pingpong   the warp-specialised MLA kernel (config PINGPONG): a small case, its GPU
+#                                   tests (a hang in either ends the call), it and the wgmma kernel
 #                                   checked and timed at the 64+-head SPEC shapes, then memcheck
 #   bash ci/gpu_check.sh firstcall DIR  first-call latency per op in fresh processes, with an empty
 #                                   Triton cache and with a copy of DIR (made by rocmoe precompile)
@@ -66,7 +66,8 @@ case "$what" in
     timeout 90 python3 "$repo/ci/mla_sweep.py" --model dsv32 --heads 64 --tokens 2 --only --config $pingpong 2>&1 \
       | grep -v -i warn | tee "$OUT/pingpong_smoke.txt"
     [ "${PIPESTATUS[0]}" = 124 ] && echo "smoke run hung" && exit 124
-    timeout 150 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -m gpu -k "wgmma_kernel" 2>&1 | tail -15 \
+    timeout 150 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -m gpu -k "wgmma_kernel and pingpong" 2>&1 \
+      | tail -15 \
       | tee "$OUT/pingpong_tests.txt"
     status=${PIPESTATUS[0]}
     echo "tests exit: $status" | tee -a "$OUT/pingpong_tests.txt"

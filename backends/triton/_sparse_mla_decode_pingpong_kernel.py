@@ -54,6 +54,21 @@ MAXNREG = 168
 
 
 @gluon.jit
+def _this_program(num_heads, topk, xtopk, chunk, split, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride, xidx_stride,
+                  BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LEN: gl.constexpr, HAS_EXTRA: gl.constexpr,
+                  HAS_XLEN: gl.constexpr):
+    """(head block, token, part, _walk tuple) of this program; the grid runs head blocks fastest,
+    then parts, then tokens. Every partition works it out for itself."""
+    head_blocks = gl.cdiv(num_heads, BLOCK_H)
+    pid = gl.program_id(0)
+    part = (pid // head_blocks) % split
+    t = pid // (head_blocks * split)
+    walk = _walk(t, part, topk, xtopk, chunk, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride, xidx_stride, BLOCK_N,
+                 HAS_LEN, HAS_EXTRA, HAS_XLEN)
+    return pid % head_blocks, t, part, walk
+
+
+@gluon.jit
 def _rows(tile, walk, rows, xrows, cache_ptr, xcache_ptr, BLOCK_N: gl.constexpr, HAS_EXTRA: gl.constexpr,
           LAYOUT: gl.constexpr):
     """The shipped kernel's _tile_rows for a _walk tuple (a tile past the last one counts no key)."""
@@ -73,13 +88,8 @@ def _producer(q_ptr, cache_ptr, idx_ptr, len_ptr, xcache_ptr, xidx_ptr, xlen_ptr
     q_main, q_tail, k_main, k_tail = smem[0], smem[1], smem[2], smem[3]
     q_ready, k_ready, k_free = bars[0], bars[1], bars[2]
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    head_blocks = gl.cdiv(num_heads, BLOCK_H)
-    pid = gl.program_id(0)
-    head_block = pid % head_blocks
-    part = (pid // head_blocks) % split
-    t = pid // (head_blocks * split)
-    walk = _walk(t, part, topk, xtopk, chunk, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride, xidx_stride, BLOCK_N,
-                 HAS_LEN, HAS_EXTRA, HAS_XLEN)
+    head_block, t, _, walk = _this_program(num_heads, topk, xtopk, chunk, split, len_ptr, xlen_ptr, idx_ptr, xidx_ptr,
+                                           idx_stride, xidx_stride, BLOCK_H, BLOCK_N, HAS_LEN, HAS_EXTRA, HAS_XLEN)
     tiles = walk[9]
 
     heads = head_block * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, COPY))
@@ -170,14 +180,10 @@ def _compute(q_ptr, cache_ptr, idx_ptr, len_ptr, xcache_ptr, xidx_ptr, xlen_ptr,
     P_OPERAND: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
     ROWS_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
     ROWS_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
-    head_blocks = gl.cdiv(num_heads, BLOCK_H)
-    pid = gl.program_id(0)
-    head_block = pid % head_blocks
-    part = (pid // head_blocks) % split
-    t = pid // (head_blocks * split)
+    head_block, t, part, walk = _this_program(num_heads, topk, xtopk, chunk, split, len_ptr, xlen_ptr, idx_ptr,
+                                              xidx_ptr, idx_stride, xidx_stride, BLOCK_H, BLOCK_N, HAS_LEN, HAS_EXTRA,
+                                              HAS_XLEN)
     t64 = t.to(gl.int64)
-    walk = _walk(t, part, topk, xtopk, chunk, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride, xidx_stride, BLOCK_N,
-                 HAS_LEN, HAS_EXTRA, HAS_XLEN)
     tiles = walk[9]
 
     acc = gl.zeros([BLOCK_H, HALF], gl.float32, O_LAYOUT)

@@ -246,9 +246,8 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
         kernel, maxnreg = _pingpong_kernel()
         kernel_args = {"maxnreg": maxnreg, "num_warps": 4}  # the default partition; the workers add 8
     elif config.WGMMA:
-        kernel, kernel_args = _gluon_kernel(), {"STAGES": config.num_stages,
-                                                      "P_SWIZZLE": min(128, 2 * config.BLOCK_N),
-                                                      "num_warps": config.num_warps}
+        kernel, kernel_args = _gluon_kernel(), {"STAGES": config.num_stages, "P_SWIZZLE": min(128, 2 * config.BLOCK_N),
+                                                "num_warps": config.num_warps}
     else:
         kernel, kernel_args = sparse_mla_decode_kernel, {
             "IEEE": q.dtype == torch.float32, "IDS_AHEAD": config.IDS_AHEAD, "DV_SPLIT": config.DV_SPLIT,

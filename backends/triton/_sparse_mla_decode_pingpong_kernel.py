@@ -28,7 +28,13 @@ Synchronisation. An mbarrier arrive from a compute partition follows all its
 threads' shared stores (Triton emits a partition barrier, then one elected
 arrive); a consumer fences the async proxy after each wait, so its wgmma sees
 the producer's ``cp.async`` rows; a chunk with an odd number of tiles ends
-with a tile of no keys (all masked), so both warpgroups run every pair.
+with a tile of no keys (all masked), so both warpgroups run every pair. No
+barrier can complete two phases before its waiter has seen the first (a
+parity wait would then miss one): every arrive of pair i + 1 depends on the
+waiter having passed its wait of pair i. The producer refills a half only
+once it is released, which follows the reader's wait on that half; a
+warpgroup writes its next max or P only after the other has handed over
+its own P of this pair, which follows its wait on the max and P received.
 """
 
 from __future__ import annotations

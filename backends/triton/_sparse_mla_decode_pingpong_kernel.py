@@ -46,6 +46,8 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from rocmoe.backends.triton._sparse_mla_decode_wgmma_kernel import (
     _async_gather,
+    _gather_q,
+    _program_coords,
     _row_pointers,
     _tile_rows,
     _walk,
@@ -63,15 +65,12 @@ MAXNREG = 168
 def _this_program(num_heads, topk, xtopk, chunk, split, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride, xidx_stride,
                   BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LEN: gl.constexpr, HAS_EXTRA: gl.constexpr,
                   HAS_XLEN: gl.constexpr):
-    """(head block, token, part, _walk tuple) of this program; the grid runs head blocks fastest,
-    then parts, then tokens. Every partition works it out for itself."""
-    head_blocks = gl.cdiv(num_heads, BLOCK_H)
-    pid = gl.program_id(0)
-    part = (pid // head_blocks) % split
-    t = pid // (head_blocks * split)
+    """(head block, token, part, _walk tuple) of this program (_program_coords); every
+    partition works it out for itself."""
+    head_block, part, t = _program_coords(num_heads, split, BLOCK_H)
     walk = _walk(t, part, topk, xtopk, chunk, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride, xidx_stride, BLOCK_N,
                  HAS_LEN, HAS_EXTRA, HAS_XLEN)
-    return pid % head_blocks, t, part, walk
+    return head_block, t, part, walk
 
 
 @gluon.jit
@@ -98,13 +97,8 @@ def _producer(q_ptr, cache_ptr, idx_ptr, len_ptr, xcache_ptr, xidx_ptr, xlen_ptr
                                            idx_stride, xidx_stride, BLOCK_H, BLOCK_N, HAS_LEN, HAS_EXTRA, HAS_XLEN)
     tiles = walk[9]
 
-    heads = head_block * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, COPY))
-    q_rows = q_ptr + t.to(gl.int64) * q_stride_t + heads[:, None].to(gl.int64) * q_stride_h
-    q_ok = (heads < num_heads)[:, None]
-    _async_gather(q_main.index(0), q_rows + gl.arange(0, D_MAIN, layout=gl.SliceLayout(0, COPY))[None, :], mask=q_ok)
-    if D_TAIL > 0:
-        _async_gather(q_tail.index(0), q_rows + D_MAIN + gl.arange(0, D_TAIL, layout=gl.SliceLayout(0, COPY))[None, :],
-                      mask=q_ok)
+    _gather_q(q_main.index(0), q_tail.index(0), q_ptr, t.to(gl.int64), head_block, num_heads, q_stride_t, q_stride_h,
+              BLOCK_H, D_MAIN, D_TAIL, COPY)
     async_copy.mbarrier_arrive(q_ready, increment_count=False)
 
     HALF: gl.constexpr = D_MAIN // 2

@@ -99,6 +99,29 @@ def _gather_tile(valid, src, idx, slot, k_main_smem, k_tail_smem, D: gl.constexp
 
 
 @gluon.jit
+def _program_coords(num_heads, split, BLOCK_H: gl.constexpr):
+    """(head block, key chunk, token) of this program; the grid runs head blocks fastest, then
+    chunks, then tokens."""
+    head_blocks = gl.cdiv(num_heads, BLOCK_H)
+    pid = gl.program_id(0)
+    return pid % head_blocks, (pid // head_blocks) % split, pid // (head_blocks * split)
+
+
+@gluon.jit
+def _gather_q(q_main_smem, q_tail_smem, q_ptr, t64, head_block, num_heads, q_stride_t, q_stride_h,
+              BLOCK_H: gl.constexpr, D_MAIN: gl.constexpr, D_TAIL: gl.constexpr, COPY: gl.constexpr):
+    """Start the asynchronous copy of query t64's head block [BLOCK_H, D_MAIN (+ D_TAIL)] into
+    shared memory; heads past num_heads are zero-filled."""
+    q_heads = head_block * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, COPY))
+    q_rows = q_ptr + t64 * q_stride_t + q_heads[:, None].to(gl.int64) * q_stride_h
+    q_ok = (q_heads < num_heads)[:, None]
+    _async_gather(q_main_smem, q_rows + gl.arange(0, D_MAIN, layout=gl.SliceLayout(0, COPY))[None, :], mask=q_ok)
+    if D_TAIL > 0:
+        _async_gather(q_tail_smem, q_rows + D_MAIN + gl.arange(0, D_TAIL, layout=gl.SliceLayout(0, COPY))[None, :],
+                      mask=q_ok)
+
+
+@gluon.jit
 def _walk(t, part, topk, xtopk, chunk, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride, xidx_stride,
           BLOCK_N: gl.constexpr, HAS_LEN: gl.constexpr, HAS_EXTRA: gl.constexpr, HAS_XLEN: gl.constexpr):
     """Query t's key chunk ``part``: (start, main_stop, length, idx_row, xstart, xstop, xlength,
@@ -180,11 +203,7 @@ def sparse_mla_decode_wgmma_kernel(
     ROWS_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
     ROWS_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
 
-    head_blocks = gl.cdiv(num_heads, BLOCK_H)
-    pid = gl.program_id(0)
-    head_block = pid % head_blocks
-    part = (pid // head_blocks) % split
-    t = pid // (head_blocks * split)
+    head_block, part, t = _program_coords(num_heads, split, BLOCK_H)
     t64 = t.to(gl.int64)
 
     q_main_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_MAIN], TILE_SMEM)
@@ -198,13 +217,8 @@ def sparse_mla_decode_wgmma_kernel(
     p_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, BLOCK_N], P_SMEM)
 
     # Q joins the first copy group.
-    q_heads = head_block * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, COPY))
-    q_rows = q_ptr + t64 * q_stride_t + q_heads[:, None].to(gl.int64) * q_stride_h
-    q_ok = (q_heads < num_heads)[:, None]
-    _async_gather(q_main_smem, q_rows + gl.arange(0, D_MAIN, layout=gl.SliceLayout(0, COPY))[None, :], mask=q_ok)
-    if D_TAIL > 0:
-        _async_gather(q_tail_smem, q_rows + D_MAIN + gl.arange(0, D_TAIL, layout=gl.SliceLayout(0, COPY))[None, :],
-                      mask=q_ok)
+    _gather_q(q_main_smem, q_tail_smem, q_ptr, t64, head_block, num_heads, q_stride_t, q_stride_h, BLOCK_H, D_MAIN,
+              D_TAIL, COPY)
 
     start, main_stop, length, idx_row, xstart, xstop, xlength, xidx_row, main_tiles, tiles = _walk(
         t, part, topk, xtopk, chunk, len_ptr, xlen_ptr, idx_ptr, xidx_ptr, idx_stride, xidx_stride, BLOCK_N,

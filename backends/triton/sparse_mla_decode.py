@@ -345,36 +345,26 @@ def _wgmma_builds():
 
     if _gluon_kernel() is None:  # pragma: no cover - a Triton without Gluon's Hopper API
         return []
+    # Per kernel: (its path, keys a step, its own constexprs, launch options, label head, label launch).
+    kernels = [(_WGMMA_KERNEL, block_n, (("STAGES", stages), ("P_SWIZZLE", min(128, 2 * block_n))),
+                (("num_warps", WGMMA_WARPS),), "wgmma", f"warps={WGMMA_WARPS} stages={stages}")
+               for block_n, stages in _WGMMA_TUNE_SHAPES]
+    pingpong = _pingpong_kernel()
+    if pingpong is not None:  # None on a Triton without Gluon's warp_specialize
+        kernels.append((_PINGPONG_KERNEL, _PINGPONG_SHAPE[0], (), (("num_warps", 4), ("maxnreg", pingpong[1])),
+                        "pingpong", "warps=4+4+4"))
     builds = []
-    for (block_n, stages), (dim, extra), partial, wide in itertools.product(
-            _WGMMA_TUNE_SHAPES, ((576, False), (512, True)), (False, True), (False, True)):
+    for (kernel, block_n, own, options, name, launch_text), (dim, extra), partial, wide in itertools.product(
+            kernels, ((576, False), (512, True)), (False, True), (False, True)):
         main, tail = split_dims(dim)
         builds.append(KernelBuild(
-            op="sparse_mla_decode", kernel=_WGMMA_KERNEL, signature=_DECODE_SIGNATURE,
+            op="sparse_mla_decode", kernel=kernel, signature=_DECODE_SIGNATURE,
             constexprs=(("D", dim), ("D_MAIN", main), ("D_TAIL", tail), ("BLOCK_H", WGMMA_BLOCK_H),
                         ("BLOCK_N", block_n), ("HAS_LEN", extra), ("HAS_EXTRA", extra), ("HAS_XLEN", extra),
-                        ("HAS_SINK", extra), ("PARTIAL", partial), ("WIDE", wide), ("STAGES", stages),
-                        ("P_SWIZZLE", min(128, 2 * block_n))),
-            options=(("num_warps", WGMMA_WARPS),), aligned=_DECODE_ALIGNED,
-            label=(f"wgmma D={dim}{' +extra +sink' if extra else ''} BLOCK_H={WGMMA_BLOCK_H} BLOCK_N={block_n} "
-                   f"warps={WGMMA_WARPS} stages={stages} "
-                   f"{'partial' if partial else 'final'}"
-                   f"{' int64' if wide else ''}"),
-            expects_dot=True))
-    pingpong = _pingpong_kernel()
-    if pingpong is None:  # pragma: no cover - a Triton without Gluon's warp_specialize
-        return builds
-    for (dim, extra), partial, wide in itertools.product(((576, False), (512, True)), (False, True), (False, True)):
-        main, tail = split_dims(dim)
-        builds.append(KernelBuild(
-            op="sparse_mla_decode", kernel=_PINGPONG_KERNEL, signature=_DECODE_SIGNATURE,
-            constexprs=(("D", dim), ("D_MAIN", main), ("D_TAIL", tail), ("BLOCK_H", WGMMA_BLOCK_H),
-                        ("BLOCK_N", _PINGPONG_SHAPE[0]), ("HAS_LEN", extra), ("HAS_EXTRA", extra),
-                        ("HAS_XLEN", extra), ("HAS_SINK", extra), ("PARTIAL", partial), ("WIDE", wide)),
-            options=(("num_warps", 4), ("maxnreg", pingpong[1])), aligned=_DECODE_ALIGNED,
-            label=(f"pingpong D={dim}{' +extra +sink' if extra else ''} BLOCK_H={WGMMA_BLOCK_H} "
-                   f"BLOCK_N={_PINGPONG_SHAPE[0]} warps=4+4+4 {'partial' if partial else 'final'}"
-                   f"{' int64' if wide else ''}"),
+                        ("HAS_SINK", extra), ("PARTIAL", partial), ("WIDE", wide), *own),
+            options=options, aligned=_DECODE_ALIGNED,
+            label=(f"{name} D={dim}{' +extra +sink' if extra else ''} BLOCK_H={WGMMA_BLOCK_H} BLOCK_N={block_n} "
+                   f"{launch_text} {'partial' if partial else 'final'}{' int64' if wide else ''}"),
             expects_dot=True))
     return builds
 

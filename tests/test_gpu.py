@@ -105,8 +105,8 @@ def test_graph_capture_sparse_mla_decode(cuda, gen):
 
 
 def test_graph_capture_and_compile_sparse_mla_decode_at_128_heads(cuda, gen):
-    # V3.2's 128 heads at T = 16: on an sm90 with the shipped table, the Gluon wgmma kernel with its
-    # key split and the reduce - captured, then under torch.compile(fullgraph=True).
+    # V3.2's 128 heads at T = 16: on an sm90 with the shipped table, the warp-specialised (ping-pong)
+    # Gluon kernel with its key split and the reduce - captured, then under torch.compile(fullgraph=True).
     from rocmoe.backends.triton.sparse_mla_decode import launch_config
 
     tokens, heads = 16, 128
@@ -115,7 +115,7 @@ def test_graph_capture_and_compile_sparse_mla_decode_at_128_heads(cuda, gen):
     idx = torch.randint(-1, 128 * 64, (tokens, 2048), generator=gen, dtype=torch.int32).to(cuda)
     config = launch_config(rocmoe.Device.current(), tokens, heads, 2048, 576)
     if torch.version.cuda and torch.cuda.get_device_capability() == (9, 0):
-        assert config.WGMMA and config.SPLIT > 1, config
+        assert config.WGMMA and config.PINGPONG and config.SPLIT > 1, config
     out = torch.empty(tokens, heads, 512, device=cuda, dtype=torch.bfloat16)
     lse = torch.empty(tokens, heads, device=cuda)
 
@@ -204,7 +204,7 @@ def test_shape_log_skips_capture_and_histograms_asynchronously(cuda, tmp_path):
         shape_log._configure(None, every=64)
 
 
-@pytest.mark.parametrize("tokens", [1, 64, 128])  # sm90: 16-head split programs, then 64-head wgmma blocks
+@pytest.mark.parametrize("tokens", [1, 8, 64, 128])  # sm90: 16-head split programs, then 64-head Gluon blocks
 @pytest.mark.parametrize("shape", [(576, 16, 2048, 0), (576, 128, 2048, 0), (512, 64, 512, 128)],
                          ids=["v32-h16", "v32-h128", "v4-flash"])
 def test_triton_mla_at_spec_shapes(cuda, gen, tokens, shape):

@@ -225,7 +225,7 @@ def test_a_wgmma_config_it_cannot_take_runs_the_tl_kernel(kernel_device, gen, sp
     _check(out, lse, q, cache, idx, d_v, **kw)
 
 
-def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only(monkeypatch):
+def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only():
     from rocmoe.backends.triton.sparse_mla_decode import _WGMMA_TUNE_SHAPES, _tune_candidates
 
     def wgmma(arch, heads, tokens=64):
@@ -236,10 +236,7 @@ def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only(monkeypatch):
 
     assert {(c.BLOCK_N, c.num_stages) for c in wgmma("sm90", 128)} == set(_WGMMA_TUNE_SHAPES)
     assert all(c.BLOCK_H == 64 and c.num_warps == 8 and c.DV_SPLIT == 1 for c in wgmma("sm90", 128))
-    # The ping-pong kernel is not offered yet (PINGPONG_IN_TUNER); once it is, it comes beside the
-    # wgmma one at 64 keys a step, split for split.
-    assert not any(c.PINGPONG for c in wgmma("sm90", 128))
-    monkeypatch.setattr("rocmoe.backends.triton.sparse_mla_decode.PINGPONG_IN_TUNER", True)
+    # The ping-pong kernel comes beside the wgmma one at 64 keys a step, split for split.
     pingpong = [c for c in wgmma("sm90", 128) if c.PINGPONG]
     assert {c.SPLIT for c in pingpong} == {c.SPLIT for c in wgmma("sm90", 128) if c.BLOCK_N == 64 and not c.PINGPONG}
     assert pingpong and all(c.BLOCK_N == 64 for c in pingpong)

@@ -468,10 +468,6 @@ _TUNE_SHAPES = ((16, 32, 4, 3, False, 1), (16, 64, 4, 2, False, 1),
 _WGMMA_TUNE_SHAPES = ((64, 2), (32, 3))
 # The ping-pong kernel's (BLOCK_N, stages): 64-key tiles in two buffers, one per computing warpgroup.
 _PINGPONG_SHAPE = (64, 2)
-# Whether the tuner tries the ping-pong kernel. Not yet: it has not run on a GPU, and a hang there
-# would stop `rocmoe tune`. Its GPU tests (tests/test_gpu.py) and `bash ci/gpu_check.sh pingpong`
-# run it; ci/mla_sweep.py times it (PINGPONG in --config).
-PINGPONG_IN_TUNER = False
 
 
 def tune_config(shape: tuple[int, int, int, int, bool, int], split: int) -> MlaConfig:
@@ -508,7 +504,7 @@ def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfi
             programs = tokens * -(-heads // WGMMA_BLOCK_H) * split
             if split == 1 or (keys // split >= shape[0] and programs <= 4 * device.limits.compute_units):
                 cands.append(wgmma_config(shape, split))
-                if shape == _PINGPONG_SHAPE and PINGPONG_IN_TUNER:
+                if shape == _PINGPONG_SHAPE:
                     cands.append(pingpong_config(split))
     return cands
 

@@ -26,8 +26,8 @@ def main() -> None:
     before = {(r["model"], r["shape"]): r for r in previous["rows"] if r["backend"] == "triton"}
     torch_rows = {(r["model"], r["shape"]): r for r in new["rows"] if r["backend"] == "torch"}
     print("\n| shape | triton µs | previous table's triton µs | new vs previous | torch µs | triton vs torch "
-          "| triton TFLOP/s | % bf16 peak | check |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| triton TFLOP/s | % bf16 peak | triton GB/s | % copy BW | check |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in new["rows"]:
         key = (row["model"], row["shape"])
         if row["backend"] != "triton" or key not in before:
@@ -36,8 +36,9 @@ def main() -> None:
         checks = [row["check_ok"], old["check_ok"], *([ref["check_ok"]] if ref else [])]
         torch_cols = (f"{ref['graph_s'] * 1e6:.1f} | {ref['graph_s'] / row['graph_s']:.1f}x" if ref else "- | -")
         flops = f"{row['tflop_per_s']:.0f} | {row['frac_bf16_peak'] * 100:.0f}%" if row.get("tflop_per_s") else "- | -"
+        bandwidth = f"{row['gb_per_s']:.0f} | {row['frac_copy_bw'] * 100:.0f}%" if row.get("gb_per_s") else "- | -"
         print(f"| {row['model']} {row['shape']} | {row['graph_s'] * 1e6:.1f} | {old['graph_s'] * 1e6:.1f} | "
-              f"{old['graph_s'] / row['graph_s']:.2f}x | {torch_cols} | {flops} | "
+              f"{old['graph_s'] / row['graph_s']:.2f}x | {torch_cols} | {flops} | {bandwidth} | "
               f"{'ok' if all(checks) else 'FAILED'} |")
 
 

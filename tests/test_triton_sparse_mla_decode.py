@@ -210,6 +210,24 @@ def test_wgmma_kernel_refuses_what_it_cannot_take():
     assert "extra_kv_cache rows" in reasons(meta_q, meta_cache, extra, config)
 
 
+def test_a_pingpong_config_falls_back_to_the_wgmma_kernel_before_the_tl_one(monkeypatch):
+    # Which kernel a launch runs, for sm90 tensors (meta: no device needed): the ping-pong kernel where it
+    # can; the wgmma kernel at the same launch where only the ping-pong kernel is missing; the tl kernel
+    # where neither Gluon kernel can take the inputs.
+    from rocmoe.backends.triton import sparse_mla_decode as mla
+
+    monkeypatch.setattr(mla, "INTERPRET", False)
+    q = torch.empty(2, 64, 576, device="meta", dtype=torch.bfloat16)
+    cache = torch.empty(4, 64, 576, device="meta", dtype=torch.bfloat16)
+    config = mla.pingpong_config(3)
+    assert mla.launched_config(q, cache, None, config) == config
+    assert mla.launched_config(q.half(), cache, None, config) == mla.tl_fallback(config)
+    monkeypatch.setattr(mla, "_pingpong_kernel", lambda: None)
+    wgmma = mla.launched_config(q, cache, None, config)
+    assert wgmma == mla.wgmma_config((64, 2), 3) and not wgmma.PINGPONG
+    assert mla.launched_config(q.half(), cache, None, config) == mla.tl_fallback(config)
+
+
 @pytest.mark.parametrize("pingpong", [False, True])
 @pytest.mark.parametrize("split", [1, 3])
 def test_a_wgmma_config_it_cannot_take_runs_the_tl_kernel(kernel_device, gen, split, pingpong):

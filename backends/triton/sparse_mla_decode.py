@@ -68,7 +68,8 @@ class MlaConfig:
     #: ``tl`` kernel runs.
     WGMMA: bool = False
     #: with WGMMA and 64 keys a step: the warp-specialised Gluon kernel instead (a gathering
-    #: warpgroup and two computing ones on alternate tiles; 4 + 4 + 4 warps, whatever num_warps says)
+    #: warpgroup and two computing ones on alternate tiles; 4 + 4 + 4 warps, whatever num_warps says);
+    #: where only it cannot run, the wgmma kernel runs (:func:`launched_config`)
     PINGPONG: bool = False
 
 
@@ -221,15 +222,27 @@ def tl_fallback(config: MlaConfig) -> MlaConfig:
     return dataclasses.replace(config, WGMMA=False, PINGPONG=False, BLOCK_N=min(config.BLOCK_N, 32), num_stages=2)
 
 
+def launched_config(q: torch.Tensor, cache: torch.Tensor, extra_cache: torch.Tensor | None,
+                    config: MlaConfig) -> MlaConfig:
+    """The launch that runs ``config`` for these tensors: a PINGPONG config whose
+    ping-pong kernel cannot run here (only that kernel's needs unmet, e.g. a
+    Triton without ``warp_specialize``) runs the wgmma kernel at the same
+    launch; a WGMMA config the Gluon kernels cannot take runs :func:`tl_fallback`."""
+    if config.WGMMA and config.PINGPONG and wgmma_unsupported_reasons(q, cache, extra_cache, config):
+        config = dataclasses.replace(config, PINGPONG=False)
+    if config.WGMMA and wgmma_unsupported_reasons(q, cache, extra_cache, config):
+        config = tl_fallback(config)
+    return config
+
+
 def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_cache, extra_indices,
            extra_topk_length, out, lse_out, config: MlaConfig) -> None:
     """Launch with an explicit config (the tuner and build-check use this).
-    ``cache``/``extra_cache`` are 3-D [num_blocks, block_size, D]. A WGMMA
-    config that this launch cannot take (:func:`wgmma_unsupported_reasons`)
-    runs the ``tl`` kernel with the same heads, split and warps instead."""
+    ``cache``/``extra_cache`` are 3-D [num_blocks, block_size, D]. A Gluon
+    config that this launch cannot take runs another kernel with the same
+    heads and split (:func:`launched_config`)."""
     num_tokens, num_heads, head_dim = q.shape
-    if config.WGMMA and wgmma_unsupported_reasons(q, cache, extra_cache, config):
-        config = tl_fallback(config)
+    config = launched_config(q, cache, extra_cache, config)
     main, tail = split_dims(head_dim)
     topk = indices.shape[1]
     has_extra = extra_cache is not None

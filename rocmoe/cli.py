@@ -156,6 +156,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(f"tuning {len(regimes)} logged regime(s) of {args.op}: "
               + ", ".join(" ".join(f"{k}={v}" for k, v in r.items()) for r in regimes))
     keep_from = None
+    split_span: tuple[int, int | None] = (1, None)
     if args.where or args.merge:
         from rocmoe.configs import find_table
         from rocmoe.tune import parse_where, select_regimes, table_path
@@ -167,6 +168,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             return 2
         desc = Device.for_torch_device(device)
         regimes = select_regimes(regimes or tuning.regimes(), where)
+        split_span = where.get(tuning.split_key, split_span)
         if not regimes:
             print(f"rocmoe tune: no {args.op} regime matches --where {' '.join(args.where or [])}", file=sys.stderr)
             return 2
@@ -183,7 +185,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             keep_from = keep_copy
     path = run_tune(tuning, device, out=args.out, budget_s=args.budget_s, regimes=regimes,
                     command="rocmoe tune " + " ".join(sys.argv[2:]), keep_from=keep_from,
-                    compile_workers=(os.cpu_count() or 1) if args.compile_jobs is None else args.compile_jobs)
+                    compile_workers=(os.cpu_count() or 1) if args.compile_jobs is None else args.compile_jobs,
+                    split_span=split_span)
     print(f"wrote {path}")
     return 0
 
@@ -229,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="compile the candidates first in this many processes (default: the CPU count; 0: "
                            "let the sweep compile each as it reaches it)")
     tune.add_argument("--merge", action="store_true",
-                      help="keep the existing table's entries for the regime groups not tuned now")
+                      help="keep what the existing table says outside the regimes tuned now (other regime groups, "
+                           "and token counts outside a --where tokens= bound)")
     tune.set_defaults(fn=_cmd_tune)
 
     check = sub.add_parser("build-check", help="compile every Triton kernel and config for gfx942, gfx950, "

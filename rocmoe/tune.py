@@ -139,9 +139,12 @@ def compile_ahead(tuning: Tuning, jobs: Sequence[tuple[dict[str, int], Any]], de
     return len(unique), failed
 
 
-def table_entries(split_key: str, winners: Sequence[tuple[dict[str, int], Any]]) -> list[dict[str, Any]]:
+def table_entries(split_key: str, winners: Sequence[tuple[dict[str, int], Any]],
+                  span: tuple[int, int | None] = (1, None)) -> list[dict[str, Any]]:
     """Turn measured (regime, params) winners into table entries: the split key
-    gets geometric-midpoint buckets between measured points, other keys exact."""
+    gets geometric-midpoint buckets between measured points, other keys exact.
+    The buckets of a group cover ``span`` of the split key (inclusive; None:
+    open), the range a ``--where`` bound on it tuned."""
     groups: dict[tuple, list[tuple[dict[str, int], Any]]] = {}
     for regime, params in winners:
         rest = tuple(sorted((k, v) for k, v in regime.items() if k != split_key))
@@ -151,8 +154,8 @@ def table_entries(split_key: str, winners: Sequence[tuple[dict[str, int], Any]])
         items.sort(key=lambda item: item[0][split_key])
         points = [r[split_key] for r, _ in items]
         for i, (_, params) in enumerate(items):
-            lo = 1 if i == 0 else math.floor(math.sqrt(points[i - 1] * points[i])) + 1
-            hi = None if i == len(items) - 1 else math.floor(math.sqrt(points[i] * points[i + 1]))
+            lo = span[0] if i == 0 else math.floor(math.sqrt(points[i - 1] * points[i])) + 1
+            hi = span[1] if i == len(items) - 1 else math.floor(math.sqrt(points[i] * points[i + 1]))
             when = {split_key: [lo, hi], **{k: [v, v] for k, v in rest}}
             entries.append({"when": when, "config": dataclasses.asdict(params)})
     return entries
@@ -194,26 +197,47 @@ def _regime_group(regime: dict[str, int], split_key: str) -> tuple:
     return _group({k: [v, v] for k, v in regime.items()}, split_key)
 
 
+def _outside(bounds: Sequence[int | None], span: tuple[int, int | None]) -> list[list[int | None]]:
+    """The parts of the inclusive range ``bounds`` (upper None: open) outside ``span``."""
+    lo, hi = bounds
+    parts: list[list[int | None]] = []
+    if lo < span[0]:
+        parts.append([lo, span[0] - 1 if hi is None else min(hi, span[0] - 1)])
+    if span[1] is not None and (hi is None or hi > span[1]):
+        parts.append([max(lo, span[1] + 1), hi])
+    return parts
+
+
 def merge_entries(old_entries: Sequence[dict[str, Any]], new_entries: Sequence[dict[str, Any]],
-                  split_key: str) -> tuple[list[dict[str, Any]], int]:
-    """New entries plus the old ones of every regime group (the exact keys,
-    all but ``split_key``) the new ones do not cover; a group is replaced
-    whole, so split-key buckets of two runs never interleave. The new entries
-    come first: the lookup takes the first match, so an old entry with wider
-    bounds cannot shadow them. Returns the entries and how many old ones were
-    kept."""
+                  split_key: str, span: tuple[int, int | None] = (1, None)) -> tuple[list[dict[str, Any]], int]:
+    """New entries plus what the old ones say outside them: every old entry of a
+    regime group (the exact keys, all but ``split_key``) the new ones do not
+    cover, and, in a group they do cover, the parts of its split-key range
+    outside ``span`` (the range tuned now). So a run tuned for some token
+    counts keeps the old choices for the others, and split-key buckets of two
+    runs never interleave. The new entries come first: the lookup takes the
+    first match. Returns the entries and how many old ones were kept (whole or
+    in part)."""
     tuned = {_group(e["when"], split_key) for e in new_entries}
-    kept = [e for e in old_entries if _group(e["when"], split_key) not in tuned]
+    kept = []
+    for entry in old_entries:
+        if _group(entry["when"], split_key) not in tuned:
+            kept.append(entry)
+            continue
+        kept += [{**entry, "when": {**entry["when"], split_key: part}}
+                 for part in _outside(entry["when"][split_key], span)]
     return [*new_entries, *kept], len(kept)
 
 
 def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, budget_s: float = 600.0,
              regimes: list[dict[str, int]] | None = None, command: str = "rocmoe tune",
              progress: bool = True, seed: int = 0, keep_from: Path | None = None,
-             compile_workers: int = 0) -> Path:
-    """Sweep, pick, write the table; returns its path. With ``keep_from`` (an
-    existing table of this op and arch) its entries for regime groups not
-    tuned now are carried into the new table (see merge_entries). With
+             compile_workers: int = 0, split_span: tuple[int, int | None] = (1, None)) -> Path:
+    """Sweep, pick, write the table; returns its path. The new entries cover
+    ``split_span`` of the split key (the token counts a ``--where`` bound
+    selected; by default all). With ``keep_from`` (an existing table of this
+    op and arch) what it says outside the new entries is carried into the new
+    table (see merge_entries). With
     ``compile_workers`` (on a GPU) the candidates not yet measured are first
     compiled in that many processes (see compile_ahead)."""
     desc = Device.for_torch_device(device)
@@ -298,10 +322,11 @@ def run_tune(tuning: Tuning, device: torch.device, *, out: Path | None = None, b
         if not winners:
             raise RuntimeError(f"the budget ended before any regime group of {spec.op} was measured whole; run the "
                                f"same command again to resume from {partial_path}")
-        entries, kept = merge_entries(old["entries"], table_entries(tuning.split_key, winners), tuning.split_key)
+        entries, kept = merge_entries(old["entries"], table_entries(tuning.split_key, winners, split_span),
+                                      tuning.split_key, split_span)
         kept_note = {"kept_entries": kept, "kept_from": old["provenance"], "groups_cut_short": len(short)}
     else:
-        entries = table_entries(tuning.split_key, winners)
+        entries = table_entries(tuning.split_key, winners, split_span)
     table = {
         "schema_version": SCHEMA_VERSION,
         "op": spec.op,

@@ -130,6 +130,31 @@ def test_merge_replaces_whole_groups_and_puts_new_entries_first():
     assert [e["config"]["B"] for e in merged] == [5, 6, 1, 2]
 
 
+def test_entries_tuned_for_some_token_counts_cover_those_and_the_old_table_keeps_the_rest():
+    # `--where tokens=8:64 --merge`: the new buckets span 8..64 only, and the old entries of the same group
+    # keep their choices below 8 and above 64 (clipped), so large-T entries are not lost to a small-T run.
+    from rocmoe.tune import merge_entries
+
+    winners = [({"tokens": 8, "heads": 128}, RoutingConfig(1, 1, 32)),
+               ({"tokens": 32, "heads": 128}, RoutingConfig(2, 1, 16))]
+    new = table_entries("tokens", winners, span=(8, 64))
+    assert [e["when"]["tokens"] for e in new] == [[8, 16], [17, 64]]
+
+    def entry(lo, hi, heads, block):
+        return {"when": {"tokens": [lo, hi], "heads": [heads, heads]}, "config": {"B": block}}
+
+    old = [entry(1, 4, 128, 1), entry(5, 20, 128, 2), entry(21, 70, 128, 3), entry(71, None, 128, 4),
+           entry(1, None, 16, 5)]
+    merged, kept = merge_entries(old, new, "tokens", span=(8, 64))
+    assert [(e["when"]["tokens"], e["config"]) for e in merged[2:]] == [
+        ([1, 4], {"B": 1}), ([5, 7], {"B": 2}), ([65, 70], {"B": 3}), ([71, None], {"B": 4}), ([1, None], {"B": 5})]
+    assert kept == 5
+    # An old entry around the whole span keeps both sides; an open span keeps nothing of a tuned group.
+    assert [e["when"]["tokens"] for e in merge_entries([entry(1, None, 128, 6)], new, "tokens", (8, 64))[0][2:]] \
+        == [[1, 7], [65, None]]
+    assert merge_entries(old, new, "tokens")[1] == 1
+
+
 def test_tune_keeps_the_untuned_groups_of_an_existing_table(tmp_path, kernel_device):
     arch = Device.for_torch_device(kernel_device).arch
     out = tmp_path / "gemma4_routing" / f"{arch}.json"
@@ -178,8 +203,8 @@ def test_cli_where_and_merge_pass_the_regimes_and_a_copy_of_the_table(tmp_path, 
 
     seen = {}
 
-    def fake_run_tune(tuning, device, *, out, budget_s, regimes, command, keep_from, compile_workers):
-        seen.update(regimes=regimes, keep=keep_from.read_text(), workers=compile_workers)
+    def fake_run_tune(tuning, device, *, out, budget_s, regimes, command, keep_from, compile_workers, split_span):
+        seen.update(regimes=regimes, keep=keep_from.read_text(), workers=compile_workers, span=split_span)
         return tmp_path / "table.json"
 
     monkeypatch.setattr("rocmoe.tune.run_tune", fake_run_tune)
@@ -191,7 +216,7 @@ def test_cli_where_and_merge_pass_the_regimes_and_a_copy_of_the_table(tmp_path, 
     out.write_text('{"the table": "kept"}')
     assert cli.main(args) == 0
     assert {(r["tokens"], r["heads"]) for r in seen["regimes"]} == {(8, 128), (64, 128)}
-    assert seen["keep"] == '{"the table": "kept"}' and seen["workers"] == 3
+    assert seen["keep"] == '{"the table": "kept"}' and seen["workers"] == 3 and seen["span"] == (8, 64)
     none = ["tune", "--op", "sparse_mla_decode", "--device", "cpu", "--where", "heads=3"]
     assert cli.main(none) == 2 and "no sparse_mla_decode regime" in capsys.readouterr().err
 

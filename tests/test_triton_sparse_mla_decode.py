@@ -169,8 +169,12 @@ def test_sm90_heuristic_and_table_use_probed_shapes():
     assert any(c.WGMMA for c in configs) and any(not c.WGMMA for c in configs)
     wide = choose({"tokens": 64, "heads": 128, "keys": 2048, "head_dim": 576, "compute_units": 114})
     assert (wide.BLOCK_H, wide.WGMMA, wide.SPLIT) == (64, True, 1)  # an H100 PCIe: 128 programs fill its 114 SMs
+    assert wide.PINGPONG
+    # 640 keys: chunks of two 64-key steps at least; at T <= 2, 16-head blocks spread a query further.
+    few = choose({"tokens": 8, "heads": 64, "keys": 640, "head_dim": 512, "compute_units": 114})
+    assert (few.BLOCK_H, few.PINGPONG, few.SPLIT) == (64, True, 8)
     small = choose({"tokens": 1, "heads": 64, "keys": 640, "head_dim": 512, "compute_units": 114})
-    assert (small.BLOCK_H, small.WGMMA, small.SPLIT) == (64, True, 8)  # 640 keys: chunks of two 64-key steps at least
+    assert (small.BLOCK_H, small.WGMMA, small.SPLIT) == (16, False, 8)
 
 
 def test_sm90_launches_come_from_the_measured_table():

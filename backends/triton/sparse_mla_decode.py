@@ -113,20 +113,20 @@ def _nvidia_heuristic(regime: Mapping[str, int]) -> MlaConfig:
 
 
 def _hopper_heuristic(regime: Mapping[str, int]) -> MlaConfig:
-    """sm90 parts without a measured table (another SM count than the
-    H100 SXM's 132), from the H100's table: with 64 heads or more, the Gluon
-    wgmma kernel (64 heads on eight warps, 64 keys a step, two stages; each
-    score computed once), which the tuner picked over every ``tl`` launch at
-    T >= 3 (1.24-1.91x at T >= 64). One program fills an SM, so the split
-    aims at one program per SM. Fewer heads: 16-head blocks, four warps, 64
-    keys, two stages (two programs per SM)."""
-    heads = regime["heads"]
-    if heads >= WGMMA_BLOCK_H:
-        block_n, stages = 64, 2
-        split = _split_for(regime["tokens"], -(-heads // WGMMA_BLOCK_H), regime["keys"], block_n,
+    """sm90 shapes without a measured entry (another SM count than the H100
+    SXM's 132, or keys and D the benchmark models lack), from the H100's
+    table: with 64 heads or more from T = 3, the ping-pong Gluon kernel (64
+    heads a program, 64-key tiles), which the tuner picked in every such
+    regime (1.18-1.24x the wgmma kernel at 128 heads, T >= 64). One program
+    fills an SM, so the split aims at one program per SM. Otherwise (fewer
+    heads, or T <= 2, where each query's keys must spread over many programs)
+    16-head blocks, four warps, 64 keys, two stages, two programs per SM."""
+    heads, tokens = regime["heads"], regime["tokens"]
+    if heads >= WGMMA_BLOCK_H and tokens >= 3:
+        split = _split_for(tokens, -(-heads // WGMMA_BLOCK_H), regime["keys"], _PINGPONG_SHAPE[0],
                            regime["compute_units"], 1)
-        return wgmma_config((block_n, stages), split)
-    split = _split_for(regime["tokens"], -(-heads // 16), regime["keys"], 64, regime["compute_units"], 2)
+        return pingpong_config(split)
+    split = _split_for(tokens, -(-heads // 16), regime["keys"], 64, regime["compute_units"], 2)
     return MlaConfig(16, 64, 4, 2, split)
 
 

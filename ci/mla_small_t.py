@@ -74,6 +74,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     gpu = Device.current()
     decode, reduce = mla.sparse_mla_decode_kernel, mla.sparse_mla_reduce_kernel
+    gluon, pingpong_kernel = mla._gluon_kernel, mla._pingpong_kernel
+    pingpong = pingpong_kernel()
     for name in args.models:
         model = MLA_MODELS[name]
         keys = model.topk + model.extra
@@ -89,9 +91,11 @@ def main() -> None:
                 whole = time_graph(calls(chosen), device)
                 mla.sparse_mla_reduce_kernel = _Skip()
                 alone = time_graph(calls(chosen), device)
+                # The reduce alone: whichever decode kernel the config launches is skipped.
                 mla.sparse_mla_reduce_kernel, mla.sparse_mla_decode_kernel = reduce, _Skip()
+                mla._gluon_kernel, mla._pingpong_kernel = _Skip, lambda: pingpong and (_Skip(), pingpong[1])
                 tail = time_graph(calls(chosen), device)
-                mla.sparse_mla_decode_kernel = decode
+                mla.sparse_mla_decode_kernel, mla._gluon_kernel, mla._pingpong_kernel = decode, gluon, pingpong_kernel
                 print(f"{name:10s} H={heads:<3d} T={tokens:<2d} {chosen}: whole {whole * 1e6:6.1f} us, decode "
                       f"{alone * 1e6:6.1f}, reduce {tail * 1e6:6.1f}  {'ok' if inputs.check(chosen) else 'WRONG'}",
                       flush=True)

@@ -228,11 +228,13 @@ def launched_config(q: torch.Tensor, cache: torch.Tensor, extra_cache: torch.Ten
     ping-pong kernel cannot run here (only that kernel's needs unmet, e.g. a
     Triton without ``warp_specialize``) runs the wgmma kernel at the same
     launch; a WGMMA config the Gluon kernels cannot take runs :func:`tl_fallback`."""
-    if config.WGMMA and config.PINGPONG and wgmma_unsupported_reasons(q, cache, extra_cache, config):
+    if not config.WGMMA:
+        return config
+    reasons = wgmma_unsupported_reasons(q, cache, extra_cache, config)
+    if reasons and config.PINGPONG:
         config = dataclasses.replace(config, PINGPONG=False)
-    if config.WGMMA and wgmma_unsupported_reasons(q, cache, extra_cache, config):
-        config = tl_fallback(config)
-    return config
+        reasons = wgmma_unsupported_reasons(q, cache, extra_cache, config)
+    return tl_fallback(config) if reasons else config
 
 
 def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_cache, extra_indices,

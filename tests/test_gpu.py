@@ -205,8 +205,8 @@ def test_shape_log_skips_capture_and_histograms_asynchronously(cuda, tmp_path):
 
 
 @pytest.mark.parametrize("tokens", [1, 8, 64, 128])  # sm90: 16-head split programs, then 64-head Gluon blocks
-@pytest.mark.parametrize("shape", [(576, 16, 2048, 0), (576, 128, 2048, 0), (512, 64, 512, 128)],
-                         ids=["v32-h16", "v32-h128", "v4-flash"])
+@pytest.mark.parametrize("shape", [(576, 16, 2048, 0), (576, 64, 2048, 0), (576, 128, 2048, 0), (512, 64, 512, 128)],
+                         ids=["v32-h16", "v32-h64", "v32-h128", "v4-flash"])
 def test_triton_mla_at_spec_shapes(cuda, gen, tokens, shape):
     from rocmoe.backends.torch.sparse_mla_decode import sparse_mla_decode_torch
 

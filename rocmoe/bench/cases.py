@@ -135,7 +135,7 @@ class MlaModel:
 
 
 MLA_MODELS = {
-    "dsv32": MlaModel(576, (16, 128), 2048, 0),
+    "dsv32": MlaModel(576, (16, 64, 128), 2048, 0),
     "dsv4-flash": MlaModel(512, (64,), 512, 128),
     "dsv4-pro": MlaModel(512, (128,), 1024, 128),
 }

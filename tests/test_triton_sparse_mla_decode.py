@@ -147,25 +147,28 @@ def test_heuristic_fills_the_device_at_small_batch(arch):
 
 
 def test_sm90_heuristic_and_table_use_probed_shapes():
-    # _TUNE_SHAPES lists the (heads, keys, warps, stages, ids ahead, d_v split) of the tl kernel and
+    # tune_shapes(D) lists the (heads, keys, warps, stages, ids ahead, d_v split) of the tl kernel and
     # _WGMMA_TUNE_SHAPES the (keys, stages) of the Gluon one that compile without spills on
-    # sm90 with Triton 3.6 and 3.9; the heuristic and the measured table may only use those
-    # (build-check compiles them in CI).
-    from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES, _WGMMA_TUNE_SHAPES, WGMMA_BLOCK_H, WGMMA_WARPS
+    # sm90 with Triton 3.6 and 3.9 at that D; the heuristic and the measured table may only use
+    # those (build-check compiles them in CI). A table entry for no single D must fit both.
+    from rocmoe.backends.triton.sparse_mla_decode import _WGMMA_TUNE_SHAPES, WGMMA_BLOCK_H, WGMMA_WARPS, tune_shapes
 
     device = Device.from_arch("sm90")
     choose = SPEC.heuristic(device)
 
-    def probed(c):
+    def probed(c, dims):
         if c.WGMMA:
             return ((c.BLOCK_H, c.num_warps, c.IDS_AHEAD, c.DV_SPLIT) == (WGMMA_BLOCK_H, WGMMA_WARPS, False, 1)
                     and (c.BLOCK_N, c.num_stages) in _WGMMA_TUNE_SHAPES)
-        return (c.BLOCK_H, c.BLOCK_N, c.num_warps, c.num_stages, c.IDS_AHEAD, c.DV_SPLIT) in _TUNE_SHAPES
+        shape = (c.BLOCK_H, c.BLOCK_N, c.num_warps, c.num_stages, c.IDS_AHEAD, c.DV_SPLIT)
+        return all(shape in tune_shapes(dim) for dim in dims)
 
-    configs = [choose({"tokens": t, "heads": h, "keys": 2048, "head_dim": 576, "compute_units": 132})
-               for t in (1, 8, 64, 512) for h in (16, 64, 128)]
-    configs += [c for _, c in SPEC.table("sm90").entries]
-    assert [c for c in configs if not probed(c)] == []
+    configs = [(choose({"tokens": t, "heads": h, "keys": 2048, "head_dim": dim, "compute_units": 132}), (dim,))
+               for t in (1, 8, 64, 512) for h in (16, 64, 128) for dim in (576, 512)]
+    configs += [(c, (when["head_dim"][0],) if "head_dim" in when else (576, 512))
+                for when, c in SPEC.table("sm90").entries]
+    assert [c for c, dims in configs if not probed(c, dims)] == []
+    configs = [c for c, _ in configs]
     assert any(c.WGMMA for c in configs) and any(not c.WGMMA for c in configs)
     wide = choose({"tokens": 64, "heads": 128, "keys": 2048, "head_dim": 576, "compute_units": 114})
     assert (wide.BLOCK_H, wide.WGMMA, wide.SPLIT) == (64, True, 1)  # an H100 PCIe: 128 programs fill its 114 SMs
@@ -272,10 +275,10 @@ def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only():
 def test_build_check_builds_the_wgmma_kernel_for_sm90_only():
     from rocmoe.backends.triton.sparse_mla_decode import (
         _PINGPONG_KERNEL,
-        _TUNE_SHAPES,
         _WGMMA_KERNEL,
         _WGMMA_TUNE_SHAPES,
         build_variants,
+        tune_shapes,
     )
 
     sm90 = [b for b in build_variants("sm90") if b.kernel == _WGMMA_KERNEL]
@@ -292,4 +295,4 @@ def test_build_check_builds_the_wgmma_kernel_for_sm90_only():
         return c["BLOCK_H"], c["BLOCK_N"], o["num_warps"], o["num_stages"], c["IDS_AHEAD"], c["DV_SPLIT"]
 
     tl_builds = [b for b in build_variants("sm90") if b.kernel.endswith(":sparse_mla_decode_kernel")]
-    assert tl_builds and {shape(b) for b in tl_builds} <= set(_TUNE_SHAPES)
+    assert tl_builds and all(shape(b) in tune_shapes(dict(b.constexprs)["D"]) for b in tl_builds)

@@ -410,8 +410,8 @@ def build_variants(arch: str):
             jobs |= {(dim, has_extra, cfg) for dim in dims for has_extra in extras
                      if not has_extra or any(d == dim and extra for _, d, _, _, extra in BENCH_SHAPES)}
     if arch == "sm90":
-        jobs |= {(dim, has_extra, tune_config(shape, split)) for shape in _TUNE_SHAPES for split in (1, 2)
-                 for dim, has_extra in ((576, False), (512, True))}
+        jobs |= {(dim, has_extra, tune_config(shape, split)) for dim, has_extra in ((576, False), (512, True))
+                 for shape in tune_shapes(dim) for split in (1, 2)}
     # The split count is a runtime argument of the decode kernel: one build per
     # "partial or not"; the reduce is built per split (its block shapes follow it).
     # A WGMMA launch runs the Gluon kernel (every shape of it is in _wgmma_builds) or, where that
@@ -469,11 +469,27 @@ def build_variants(arch: str):
 # - 64 heads with d_v halves on four warps (one warpgroup, two programs an SM:
 #   214-247 registers, 98-111 KB) fit with 16-key steps; 32-key steps spill on
 #   3.9.
+# - 16 heads on eight warps (106-183 registers, ids ahead included): for
+#   T <= 8, where one four-warp program per SM leaves each scheduler one
+#   warp. Nsight Compute on the H100 (V3.2, H = 128, T = 1, 16 heads on four
+#   warps) counted 3300 instructions per warp, about 4.7 cycles apart: the
+#   program waits on each instruction's latency. Eight warps split that work;
+#   in the first re-tune with them they won V3.2 at 64 heads, T <= 2. With
+#   64-key steps they spill 8 B on 3.9 at D = 512 with the extra keys (final
+#   output, int64 offsets), so those two are offered at D = 576 only.
 _TUNE_SHAPES = ((16, 32, 4, 3, False, 1), (16, 64, 4, 2, False, 1),
                 (32, 64, 8, 2, False, 1), (64, 16, 8, 3, False, 1), (64, 32, 8, 2, False, 1),
                 (16, 16, 4, 4, True, 1), (16, 32, 4, 3, True, 1), (16, 32, 4, 4, True, 1), (32, 32, 8, 2, True, 1),
                 (128, 16, 8, 3, False, 2), (128, 32, 8, 2, False, 2), (128, 32, 8, 2, True, 2),
-                (64, 16, 4, 2, False, 2), (64, 16, 4, 3, False, 2))
+                (64, 16, 4, 2, False, 2), (64, 16, 4, 3, False, 2),
+                (16, 32, 8, 3, False, 1), (16, 32, 8, 3, True, 1), (16, 16, 8, 4, True, 1))
+_TUNE_SHAPES_D576 = ((16, 64, 8, 2, False, 1), (16, 64, 8, 2, True, 1))
+
+
+def tune_shapes(head_dim: int) -> tuple[tuple[int, int, int, int, bool, int], ...]:
+    """The ``tl`` kernel's launch shapes the tuner may take at ``head_dim`` (all compile without
+    spills there on sm90, Triton 3.6 and 3.9)."""
+    return _TUNE_SHAPES + (_TUNE_SHAPES_D576 if head_dim == 576 else ())
 
 
 # (BLOCK_N, stages) of the Gluon wgmma kernel (64 heads, eight warps) that fit sm90's 227 KiB of
@@ -506,7 +522,7 @@ def pingpong_config(split: int) -> MlaConfig:
 def _tune_candidates(regime: Mapping[str, int], device: Device) -> list[MlaConfig]:
     heads, keys, tokens = regime["heads"], regime["keys"], regime["tokens"]
     cands = []
-    for shape in _TUNE_SHAPES:
+    for shape in tune_shapes(regime["head_dim"]):
         block_h, block_n, *_, dv_split = shape
         if block_h > max(16, next_power_of_2(heads)):
             continue

@@ -455,14 +455,14 @@ def build_variants(arch: str):
 
 
 # (BLOCK_H, BLOCK_N, warps, stages, IDS_AHEAD, DV_SPLIT) that compile without
-# spills on sm90 with Triton 3.6 and 3.9, for D = 576 and for D = 512 with the
-# extra key set, final and partial, with int32 and int64 cache offsets
-# (build_variants builds them all for sm90, so CI checks this claim).
+# spills on sm90 with Triton 3.6 and 3.9, final and partial, with int32 and
+# int64 cache offsets: _TUNE_SHAPES for D = 576 and for D = 512 with the extra
+# key set, _TUNE_SHAPES_D576 for D = 576 alone (build_variants builds each
+# for its D on sm90, so CI checks this claim).
 # - 64 heads sit at 255 registers on 3.9: 64-key steps, a third stage with
 #   32-key steps, or reading ids ahead (24-64 B of stack on 3.9, none on 3.6
 #   or 3.8) spill there.
-# - 16 heads spill with ids ahead and 64-key steps at D = 576, and with
-#   64-key steps on eight warps with int64 offsets (8 B on 3.9).
+# - 16 heads on four warps spill with ids ahead and 64-key steps at D = 576.
 # - 128 heads with d_v in two programs take 186-237 registers (a [128, 256]
 #   accumulator on eight warps) and up to 221 KB of shared memory at D = 576,
 #   147 KB of it Q, so no third stage of 32-key tiles fits.

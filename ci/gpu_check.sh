@@ -10,6 +10,9 @@
 #   bash ci/gpu_check.sh pingpong   the warp-specialised MLA kernel (config PINGPONG): a small case, its GPU
 #                                   tests (a hang in either ends the call), it and the wgmma kernel
 #                                   checked and timed at the 64+-head SPEC shapes, then memcheck
+#   bash ci/gpu_check.sh partials   the split MLA decode's 16-bit partial outputs (HALF_PARTIALS) against fp32:
+#                                   the GPU tests of both, each one's small-batch breakdown (alternating), and
+#                                   rocmoe bench at T = 1 and 8 with each, compared
 #   bash ci/gpu_check.sh firstcall DIR  first-call latency per op in fresh processes, with an empty
 #                                   Triton cache and with a copy of DIR (made by rocmoe precompile)
 # The wheel is installed with --no-deps into the machine's python (torch is there)
@@ -81,6 +84,24 @@ case "$what" in
       -p no:cacheprovider -m gpu -k "wgmma_kernel and pingpong and 128" 2>&1 | tail -6 \
       | tee "$OUT/pingpong_sanitizer.txt"
     echo "sanitizer exit: ${PIPESTATUS[0]}"
+    ;;
+  partials)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    timeout 150 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -m gpu \
+      -k "test_triton_mla_at_spec_shapes or other_partial_dtype" 2>&1 | tail -4 | tee "$OUT/partials_tests.txt"
+    timeout 150 python3 "$repo/ci/mla_small_t.py" --no-sweep --partials fp32 half fp32 half --tokens 1 2 8 2>&1 \
+      | grep -v -i warn | tee "$OUT/partials_small_t.txt"
+    # The same benchmark cases with each choice, set in the process before the bench runs.
+    for half in False True; do
+      timeout 90 python3 -c "import sys
+from rocmoe.backends.triton import sparse_mla_decode
+from rocmoe.cli import main
+sparse_mla_decode.HALF_PARTIALS = $half
+sys.exit(main(sys.argv[1:]))" bench --op sparse_mla_decode --backend triton --size 1 --size 8 \
+        --json "$OUT/partials_half_$half.json" 2>&1 | grep -v -i warn > "$OUT/partials_bench_half_$half.txt"
+    done
+    python3 "$repo/ci/bench_compare.py" "$OUT/partials_half_False.json" "$OUT/partials_half_True.json" \
+      | tee "$OUT/partials_compare.md"
     ;;
   firstcall)
     cache=$repo/${1:?usage: gpu_check.sh firstcall PRECOMPILED_CACHE_DIR}

@@ -5,7 +5,9 @@ Per benchmark model and head count at small T, under CUDA-graph replay: the
 whole call with the chosen config, the decode kernel alone and the reduce
 kernel alone, the whole call with the reduce's other tiles (the six fastest),
 then the whole call at other split counts; beside them one and
-two minimal Triton kernels (what launches alone cost)."""
+two minimal Triton kernels (what launches alone cost). ``--partials fp32 half``
+repeats the breakdown with each partial-output dtype of a split launch
+(``HALF_PARTIALS``), one after the other."""
 
 from __future__ import annotations
 
@@ -58,6 +60,24 @@ def reduce_variants(calls, chosen, inputs, device) -> None:
               f"{'ok' if ok else 'WRONG'}", flush=True)
 
 
+def breakdown(calls, chosen, device) -> tuple[float, float, float]:
+    """Seconds under graph replay of the whole call, the decode kernel alone and the reduce alone."""
+    decode, reduce = mla.sparse_mla_decode_kernel, mla.sparse_mla_reduce_kernel
+    gluon, pingpong_kernel = mla._gluon_kernel, mla._pingpong_kernel
+    pingpong = pingpong_kernel()
+    whole = time_graph(calls(chosen), device)
+    mla.sparse_mla_reduce_kernel = _Skip()
+    alone = time_graph(calls(chosen), device)
+    # The reduce alone: whichever decode kernel the config launches is skipped.
+    mla.sparse_mla_reduce_kernel, mla.sparse_mla_decode_kernel = reduce, _Skip()
+    mla._gluon_kernel, mla._pingpong_kernel = _Skip, lambda: pingpong and (_Skip(), pingpong[1])
+    try:
+        tail = time_graph(calls(chosen), device)
+    finally:
+        mla.sparse_mla_decode_kernel, mla._gluon_kernel, mla._pingpong_kernel = decode, gluon, pingpong_kernel
+    return whole, alone, tail
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
@@ -65,6 +85,9 @@ def main() -> None:
     parser.add_argument("--warm", action="store_true",
                         help="one input set, so every call finds its inputs in L2 (cold DRAM reads are the default)")
     parser.add_argument("--no-sweep", action="store_true", help="only the chosen config's breakdown")
+    parser.add_argument("--partials", nargs="+", choices=("fp32", "half"), default=None,
+                        help="the breakdown with fp32 and/or 16-bit partial outputs, one after the other "
+                             "(default: the shipped choice alone)")
     args = parser.parse_args()
     device = torch.device("cuda")
     x = torch.zeros(32, device=device)
@@ -73,9 +96,7 @@ def main() -> None:
     print(f"minimal kernel {one * 1e6:.2f} us, two in a row {two * 1e6:.2f} us", flush=True)
     gen = torch.Generator().manual_seed(0)
     gpu = Device.current()
-    decode, reduce = mla.sparse_mla_decode_kernel, mla.sparse_mla_reduce_kernel
-    gluon, pingpong_kernel = mla._gluon_kernel, mla._pingpong_kernel
-    pingpong = pingpong_kernel()
+    shipped_partials = mla.HALF_PARTIALS
     for name in args.models:
         model = MLA_MODELS[name]
         keys = model.topk + model.extra
@@ -88,17 +109,15 @@ def main() -> None:
                     sets = 1 if args.warm else inputs.num_sets
                     return [functools.partial(inputs.launch, cfg, i) for i in range(sets)]
 
-                whole = time_graph(calls(chosen), device)
-                mla.sparse_mla_reduce_kernel = _Skip()
-                alone = time_graph(calls(chosen), device)
-                # The reduce alone: whichever decode kernel the config launches is skipped.
-                mla.sparse_mla_reduce_kernel, mla.sparse_mla_decode_kernel = reduce, _Skip()
-                mla._gluon_kernel, mla._pingpong_kernel = _Skip, lambda: pingpong and (_Skip(), pingpong[1])
-                tail = time_graph(calls(chosen), device)
-                mla.sparse_mla_decode_kernel, mla._gluon_kernel, mla._pingpong_kernel = decode, gluon, pingpong_kernel
-                print(f"{name:10s} H={heads:<3d} T={tokens:<2d} {chosen}: whole {whole * 1e6:6.1f} us, decode "
-                      f"{alone * 1e6:6.1f}, reduce {tail * 1e6:6.1f}  {'ok' if inputs.check(chosen) else 'WRONG'}",
-                      flush=True)
+                for partials in args.partials or [None]:
+                    if partials is not None:
+                        mla.HALF_PARTIALS = partials == "half"
+                    whole, alone, tail = breakdown(calls, chosen, device)
+                    label = "" if partials is None else f" {partials} partials"
+                    print(f"{name:10s} H={heads:<3d} T={tokens:<2d} {chosen}{label}: whole {whole * 1e6:6.1f} us, "
+                          f"decode {alone * 1e6:6.1f}, reduce {tail * 1e6:6.1f}  "
+                          f"{'ok' if inputs.check(chosen) else 'WRONG'}", flush=True)
+                mla.HALF_PARTIALS = shipped_partials
                 if args.no_sweep:
                     continue
                 if chosen.SPLIT > 1:

@@ -208,6 +208,20 @@ def test_shape_log_skips_capture_and_histograms_asynchronously(cuda, tmp_path):
 @pytest.mark.parametrize("shape", [(576, 16, 2048, 0), (576, 64, 2048, 0), (576, 128, 2048, 0), (512, 64, 512, 128)],
                          ids=["v32-h16", "v32-h64", "v32-h128", "v4-flash"])
 def test_triton_mla_at_spec_shapes(cuda, gen, tokens, shape):
+    _check_mla_at_spec_shape(cuda, gen, tokens, shape)
+
+
+@pytest.mark.parametrize("tokens", [1, 8])  # split launches, so partial outputs and the reduce
+@pytest.mark.parametrize("shape", [(576, 64, 2048, 0), (576, 128, 2048, 0), (512, 64, 512, 128)],
+                         ids=["v32-h64", "v32-h128", "v4-flash"])
+def test_triton_mla_with_the_other_partial_dtype_at_spec_shapes(cuda, gen, monkeypatch, tokens, shape):
+    from rocmoe.backends.triton import sparse_mla_decode as mla
+
+    monkeypatch.setattr(mla, "HALF_PARTIALS", not mla.HALF_PARTIALS)
+    _check_mla_at_spec_shape(cuda, gen, tokens, shape)
+
+
+def _check_mla_at_spec_shape(cuda, gen, tokens, shape):
     from rocmoe.backends.torch.sparse_mla_decode import sparse_mla_decode_torch
 
     dim, heads, topk, extra = shape

@@ -82,6 +82,31 @@ def test_configs_with_every_feature(kernel_device, gen, config, heads, dim, d_v)
     assert (out[3] == 0).all() and (lse[3] == math.inf).all()
 
 
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.SPLIT > 1], ids=repr)
+def test_the_other_partial_dtype_with_every_feature(kernel_device, gen, monkeypatch, config):
+    # The split launches again with the partial-output dtype that is not shipped (16-bit
+    # partials for a 16-bit output, or fp32), so both choices of HALF_PARTIALS stay tested.
+    from rocmoe.backends.triton import sparse_mla_decode as mla
+
+    monkeypatch.setattr(mla, "HALF_PARTIALS", not mla.HALF_PARTIALS)
+    heads, dim, d_v, tokens = 20, 80, 64, 5
+    q, cache, idx, extra = _problem(gen, tokens, heads, dim, topk=37, extra=9, dtype=_dtype(kernel_device))
+    kw = dict(extra, topk_length=torch.tensor([37, 0, 20, 1, 36], dtype=torch.int32),
+              attn_sink=torch.randn(heads, generator=gen))
+    out, lse = _launch(kernel_device, q, cache, idx, d_v, config, **kw)
+    _check(out, lse, q, cache, idx, d_v, **kw)
+
+
+def test_partial_dtype_follows_a_16_bit_output_only_when_half_partials_are_on(monkeypatch):
+    from rocmoe.backends.triton import sparse_mla_decode as mla
+
+    for half in (False, True):
+        monkeypatch.setattr(mla, "HALF_PARTIALS", half)
+        for dtype in (torch.bfloat16, torch.float16):
+            assert mla.partial_dtype(dtype) == (dtype if half else torch.float32)
+        assert mla.partial_dtype(torch.float32) == torch.float32
+
+
 def _dv_split_tune_shapes():
     from rocmoe.backends.triton.sparse_mla_decode import _TUNE_SHAPES, tune_config
 

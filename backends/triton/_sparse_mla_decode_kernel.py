@@ -25,8 +25,9 @@ against 0.5 or 1 KB of keys).
 The key list (the indexed keys, then the extra keys of DeepSeek-V4) is cut into
 SPLIT chunks along the grid when T * H / BLOCK_H programs cannot fill the
 device. With SPLIT = 1 a program writes the final output; otherwise it
-writes an fp32 partial output and a base-2 logsumexp per head, and the reduce
-kernel merges them, applies the attention sink and writes out/lse.
+writes a partial output (16-bit for a 16-bit output, else fp32) and an fp32
+base-2 logsumexp per head, and the reduce kernel merges them, applies the
+attention sink and writes out/lse.
 
 Softmax runs in base 2 (scores pre-multiplied by log2(e)); a query or chunk
 with no valid key has m = -inf and l = 0, which every step tolerates. Invalid
@@ -265,13 +266,16 @@ def sparse_mla_decode_kernel(
                      (acc_hi * row_scale[:, None]).to(out_ptr.dtype.element_ty), mask=hi_mask)
         tl.store(lse_ptr + t64 * lse_stride + heads, tl.where(has_key, lse2 * _LN2, float("inf")), mask=lse_mask)
     else:
-        # Partials: [T, SPLIT, H, d_v] fp32 (normalised by this chunk's l) and [T, SPLIT, H] base-2 lse.
+        # Partials: [T, SPLIT, H, d_v] in part_out's dtype (normalised by this chunk's l) and
+        # [T, SPLIT, H] fp32 base-2 lse.
         slot = t64 * split + part
         tl.store(part_lse_ptr + slot * num_heads + heads, lse2, mask=lse_mask)
         part_rows = part_out_ptr + (slot * num_heads + heads[:, None].to(tl.int64)) * d_v
-        tl.store(part_rows + lo_col + dv_cols[None, :], acc_lo * row_scale[:, None], mask=lo_mask)
+        tl.store(part_rows + lo_col + dv_cols[None, :],
+                 (acc_lo * row_scale[:, None]).to(part_out_ptr.dtype.element_ty), mask=lo_mask)
         if DV_SPLIT == 1:
-            tl.store(part_rows + hi_col + dv_cols[None, :], acc_hi * row_scale[:, None], mask=hi_mask)
+            tl.store(part_rows + hi_col + dv_cols[None, :],
+                     (acc_hi * row_scale[:, None]).to(part_out_ptr.dtype.element_ty), mask=hi_mask)
 
 
 @triton.jit(do_not_specialize=["split"])
@@ -298,7 +302,7 @@ def sparse_mla_reduce_kernel(part_out_ptr, part_lse_ptr, sink_ptr, out_ptr, lse_
     # together instead of one waiting on the other. A chunk without keys wrote
     # zeros (and gets weight 0 below).
     part = tl.load(part_out_ptr + rows[:, :, None] * d_v + cols[None, None, :],
-                   mask=written[:, :, None] & col_ok[None, None, :], other=0.0)  # [S, H, DV]
+                   mask=written[:, :, None] & col_ok[None, None, :], other=0.0).to(tl.float32)  # [S, H, DV]
     m = tl.max(lse_s, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.where(has, tl.exp2(lse_s - m_safe[None, :]), 0.0)

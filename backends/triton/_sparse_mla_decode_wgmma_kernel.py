@@ -150,8 +150,8 @@ def _write_result(acc, l_i, m_i, heads, col0, t64, part, num_heads, d_v, split, 
                   PARTIAL: gl.constexpr, WRITE_LSE: gl.constexpr):
     """Normalise acc [heads, columns col0 onwards] (fp32, at base-2 maximum m_i with softmax sum l_i
     per head) and store it: the output (and, if WRITE_LSE, the natural-log lse, +inf without a key; the sink
-    applied), or for a split launch this chunk's partials [T, SPLIT, H, d_v] fp32 and base-2
-    lse [T, SPLIT, H]."""
+    applied), or for a split launch this chunk's partials [T, SPLIT, H, d_v] in part_out's dtype
+    and fp32 base-2 lse [T, SPLIT, H]."""
     head_ok = heads < num_heads
     has_key, lse2, row_scale = _normaliser(l_i, m_i)
     if HAS_SINK and not PARTIAL:
@@ -170,7 +170,7 @@ def _write_result(acc, l_i, m_i, heads, col0, t64, part, num_heads, d_v, split, 
         if WRITE_LSE:
             gl.store(part_lse_ptr + slot * num_heads + heads, lse2, mask=head_ok)
         part_rows = part_out_ptr + (slot * num_heads + heads[:, None].to(gl.int64)) * d_v
-        gl.store(part_rows + cols[None, :], result, mask=mask)
+        gl.store(part_rows + cols[None, :], result.to(part_out_ptr.dtype.element_ty), mask=mask)
 
 
 @gluon.jit(do_not_specialize=["rows", "xrows", "split"])

@@ -38,6 +38,25 @@ REDUCE_BLOCK_H = 2
 REDUCE_TILE = 2048
 REDUCE_WARPS = 1
 
+#: Whether a split launch stores its partial outputs in the output's dtype when
+#: that is 16-bit (fp32 otherwise, and always while this is off). The partials are
+#: written once and read once, and at small batch they outweigh the gathered keys
+#: (V3.2, 128 heads, T = 8, 8 chunks: 16.8 MB in fp32 against 18.9 MB of keys), so
+#: halving them should shorten both kernels. The cost is one more rounding per
+#: chunk before the merge: in an fp64 emulation (V3.2, 128 heads, 2048 N(0, 1)
+#: keys, 16 chunks, bf16 output) the output's relative L2 error went from 1.66e-3
+#: to 2.01e-3 (SPEC allows 5e-3). Off until a GPU run times it
+#: (``bash ci/gpu_check.sh partials``); the tests run both choices.
+HALF_PARTIALS = False
+
+
+def partial_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the [T, SPLIT, H, d_v] partial outputs for an output of ``out_dtype``
+    (the partial lse [T, SPLIT, H] is always fp32)."""
+    if HALF_PARTIALS and out_dtype in (torch.bfloat16, torch.float16):
+        return out_dtype
+    return torch.float32
+
 
 def reduce_blocks(split: int) -> tuple[int, int]:
     """(BLOCK_S, BLOCK_DV) of the reduce for ``split`` partials: all of them at
@@ -252,7 +271,7 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
     split = config.SPLIT
     chunk = triton.cdiv(triton.cdiv(topk + extra_topk, split), config.BLOCK_N) * config.BLOCK_N
     if split > 1:
-        part_out = torch.empty((num_tokens, split, num_heads, d_v), dtype=torch.float32, device=q.device)
+        part_out = torch.empty((num_tokens, split, num_heads, d_v), dtype=partial_dtype(out.dtype), device=q.device)
         part_lse = torch.empty((num_tokens, split, num_heads), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = lse_out  # never touched
@@ -341,6 +360,16 @@ _WGMMA_KERNEL = "rocmoe.backends.triton._sparse_mla_decode_wgmma_kernel:sparse_m
 _PINGPONG_KERNEL = "rocmoe.backends.triton._sparse_mla_decode_pingpong_kernel:sparse_mla_decode_pingpong_kernel"
 
 
+def _partial_pointer() -> str:
+    """Triton pointer type of the partial outputs that a bf16 launch stores."""
+    return "*bf16" if partial_dtype(torch.bfloat16) == torch.bfloat16 else "*fp32"
+
+
+def _decode_signature() -> tuple[tuple[str, str], ...]:
+    """The decode kernels' arguments as a bf16 launch passes them (for build-check)."""
+    return tuple((name, _partial_pointer() if name == "part_out_ptr" else kind) for name, kind in _DECODE_SIGNATURE)
+
+
 _DECODE_SIGNATURE = (
     ("q_ptr", "*bf16"), ("cache_ptr", "*bf16"), ("idx_ptr", "*i32"), ("len_ptr", "*i32"), ("xcache_ptr", "*bf16"),
     ("xidx_ptr", "*i32"), ("xlen_ptr", "*i32"), ("sink_ptr", "*fp32"), ("out_ptr", "*bf16"), ("lse_ptr", "*fp32"),
@@ -374,7 +403,7 @@ def _wgmma_builds():
             kernels, ((576, False), (512, True)), (False, True), (False, True)):
         main, tail = split_dims(dim)
         builds.append(KernelBuild(
-            op="sparse_mla_decode", kernel=kernel, signature=_DECODE_SIGNATURE,
+            op="sparse_mla_decode", kernel=kernel, signature=_decode_signature(),
             constexprs=(("D", dim), ("D_MAIN", main), ("D_TAIL", tail), ("BLOCK_H", WGMMA_BLOCK_H),
                         ("BLOCK_N", block_n), ("HAS_LEN", extra), ("HAS_EXTRA", extra), ("HAS_XLEN", extra),
                         ("HAS_SINK", extra), ("PARTIAL", partial), ("WIDE", wide), *own),
@@ -423,7 +452,7 @@ def build_variants(arch: str):
     for (dim, has_extra, cfg), wide in itertools.product(sorted(jobs, key=repr), (False, True)):
         main, tail = split_dims(dim)
         builds.append(KernelBuild(
-            op="sparse_mla_decode", kernel=_KERNELS + "sparse_mla_decode_kernel", signature=_DECODE_SIGNATURE,
+            op="sparse_mla_decode", kernel=_KERNELS + "sparse_mla_decode_kernel", signature=_decode_signature(),
             constexprs=(("D", dim), ("D_MAIN", main), ("D_TAIL", tail), ("BLOCK_H", cfg.BLOCK_H),
                         ("BLOCK_N", cfg.BLOCK_N), ("HAS_LEN", has_extra), ("HAS_EXTRA", has_extra),
                         ("HAS_XLEN", has_extra), ("HAS_SINK", has_extra), ("PARTIAL", cfg.SPLIT > 1),
@@ -443,7 +472,7 @@ def build_variants(arch: str):
         block_s, block_dv = reduce_blocks(split)
         builds.append(KernelBuild(
             op="sparse_mla_decode", kernel=_KERNELS + "sparse_mla_reduce_kernel",
-            signature=(("part_out_ptr", "*fp32"), ("part_lse_ptr", "*fp32"), ("sink_ptr", "*fp32"),
+            signature=(("part_out_ptr", _partial_pointer()), ("part_lse_ptr", "*fp32"), ("sink_ptr", "*fp32"),
                        ("out_ptr", "*bf16"), ("lse_ptr", "*fp32"), ("num_heads", "i32"), ("d_v", "i32"),
                        ("out_stride_t", "i32"), ("out_stride_h", "i32"), ("lse_stride", "i32"), ("split", "i32")),
             constexprs=(("BLOCK_H", REDUCE_BLOCK_H), ("BLOCK_DV", block_dv), ("BLOCK_S", block_s),

@@ -97,6 +97,33 @@ def test_the_other_partial_dtype_with_every_feature(kernel_device, gen, monkeypa
     _check(out, lse, q, cache, idx, d_v, **kw)
 
 
+@pytest.mark.parametrize("config, launched", [(MlaConfig(16, 16, 4, 1, 8), 3), (MlaConfig(16, 64, 4, 1, 8), 1)],
+                         ids=["three-of-eight", "one-of-eight"])
+def test_a_split_launches_only_the_chunks_that_hold_keys(kernel_device, gen, monkeypatch, config, launched):
+    # 46 keys (37 + 9 extra) in chunks of whole key steps: 16 keys a step fill three of eight
+    # chunks, 64 keys a step one, which then writes the output itself, without partials or a reduce.
+    from rocmoe.backends.triton import sparse_mla_decode as mla
+
+    grids, reduces = [], []
+
+    class Recorder:
+        def __init__(self, kernel, seen):
+            self.kernel, self.seen = kernel, seen
+
+        def __getitem__(self, grid):
+            self.seen.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(mla, "sparse_mla_decode_kernel", Recorder(mla.sparse_mla_decode_kernel, grids))
+    monkeypatch.setattr(mla, "sparse_mla_reduce_kernel", Recorder(mla.sparse_mla_reduce_kernel, reduces))
+    heads, dim, d_v, tokens = 20, 80, 64, 3
+    q, cache, idx, extra = _problem(gen, tokens, heads, dim, topk=37, extra=9, dtype=_dtype(kernel_device))
+    kw = dict(extra, attn_sink=torch.randn(heads, generator=gen))
+    out, lse = _launch(kernel_device, q, cache, idx, d_v, config, **kw)
+    _check(out, lse, q, cache, idx, d_v, **kw)
+    assert grids == [(tokens * launched * 2,)]  # two 16-head blocks for 20 heads
+    assert len(reduces) == (launched > 1)
+
 def test_partial_dtype_follows_a_16_bit_output_only_when_half_partials_are_on(monkeypatch):
     from rocmoe.backends.triton import sparse_mla_decode as mla
 

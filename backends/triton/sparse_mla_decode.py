@@ -77,6 +77,7 @@ class MlaConfig:
     BLOCK_N: int
     num_warps: int
     num_stages: int
+    #: at most this many chunks, of whole key steps; only those that hold keys are launched
     SPLIT: int
     #: read each key tile's ids one step ahead of its gather
     IDS_AHEAD: bool = False
@@ -256,6 +257,14 @@ def launched_config(q: torch.Tensor, cache: torch.Tensor, extra_cache: torch.Ten
     return tl_fallback(config) if reasons else config
 
 
+def key_chunks(keys: int, config: MlaConfig) -> tuple[int, int]:
+    """(keys per chunk, chunks launched) for ``keys`` keys a query under ``config``. Chunks are
+    whole key steps, so the last of SPLIT can be empty (V4-Flash's 640 keys in 8 chunks of 128:
+    five hold keys); only those with keys get programs, partials and a place in the reduce."""
+    chunk = triton.cdiv(triton.cdiv(keys, config.SPLIT), config.BLOCK_N) * config.BLOCK_N
+    return chunk, triton.cdiv(keys, chunk)
+
+
 def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_cache, extra_indices,
            extra_topk_length, out, lse_out, config: MlaConfig) -> None:
     """Launch with an explicit config (the tuner and build-check use this).
@@ -268,8 +277,7 @@ def launch(q, cache, indices, softmax_scale, d_v, topk_length, attn_sink, extra_
     topk = indices.shape[1]
     has_extra = extra_cache is not None
     extra_topk = extra_indices.shape[1] if has_extra else 0
-    split = config.SPLIT
-    chunk = triton.cdiv(triton.cdiv(topk + extra_topk, split), config.BLOCK_N) * config.BLOCK_N
+    chunk, split = key_chunks(topk + extra_topk, config)
     if split > 1:
         part_out = torch.empty((num_tokens, split, num_heads, d_v), dtype=partial_dtype(out.dtype), device=q.device)
         part_lse = torch.empty((num_tokens, split, num_heads), dtype=torch.float32, device=q.device)
@@ -442,10 +450,12 @@ def build_variants(arch: str):
         jobs |= {(dim, has_extra, tune_config(shape, split)) for dim, has_extra in ((576, False), (512, True))
                  for shape in tune_shapes(dim) for split in (1, 2)}
     # The split count is a runtime argument of the decode kernel: one build per
-    # "partial or not"; the reduce is built per split (its block shapes follow it).
+    # "partial or not"; the reduce is built per power of two up to the largest split (its block
+    # shapes follow next_power_of_2(split), and a launch may run fewer chunks than its SPLIT).
     # A WGMMA launch runs the Gluon kernel (every shape of it is in _wgmma_builds) or, where that
     # cannot take the inputs, the tl kernel with tl_fallback's config: that is its tl build.
-    reduce_splits = sorted({cfg.SPLIT for *_, cfg in jobs if cfg.SPLIT > 1})
+    largest = max(cfg.SPLIT for *_, cfg in jobs)
+    reduce_splits = [1 << i for i in range(1, next_power_of_2(largest).bit_length())]
     jobs = {(dim, has_extra, dataclasses.replace(tl_fallback(cfg) if cfg.WGMMA else cfg, SPLIT=min(cfg.SPLIT, 2)))
             for dim, has_extra, cfg in jobs}
     builds = []

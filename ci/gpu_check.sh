@@ -13,6 +13,10 @@
 #   bash ci/gpu_check.sh partials   the split MLA decode's 16-bit partial outputs (HALF_PARTIALS) against fp32:
 #                                   the GPU tests of both, each one's small-batch breakdown (alternating), and
 #                                   rocmoe bench at T = 1 and 8 with each, compared
+#   bash ci/gpu_check.sh versus WHEEL OP [BENCH ARGS]  rocmoe bench of OP's triton backend with WHEEL (built on
+#                                   the CPU machine from an earlier commit and carried, e.g. under scratch/;
+#                                   installed aside, never over dist/'s) and with dist/'s, alternating twice,
+#                                   then ci/bench_compare.py of each round
 #   bash ci/gpu_check.sh firstcall DIR  first-call latency per op in fresh processes, with an empty
 #                                   Triton cache and with a copy of DIR (made by rocmoe precompile)
 # The wheel is installed with --no-deps into the machine's python (torch is there)
@@ -102,6 +106,23 @@ sys.exit(main(sys.argv[1:]))" bench --op sparse_mla_decode --backend triton --si
     done
     python3 "$repo/ci/bench_compare.py" "$OUT/partials_half_False.json" "$OUT/partials_half_True.json" \
       | tee "$OUT/partials_compare.md"
+    ;;
+  versus)
+    earlier=$repo/${1:?usage: gpu_check.sh versus WHEEL OP [BENCH ARGS]}; op=${2:?usage: gpu_check.sh versus WHEEL OP}
+    shift 2
+    aside=$(mktemp -d)
+    python3 -m pip install -q --no-deps --target "$aside" "$earlier" 2>&1 | grep -v -i warning
+    PYTHONPATH=$aside python3 -c "import rocmoe; print('earlier:', rocmoe.__version__, rocmoe.__file__)"
+    python3 -c "import rocmoe; print('this:', rocmoe.__version__, rocmoe.__file__)"
+    for round in 1 2; do
+      PYTHONPATH=$aside python3 -m rocmoe bench --op "$op" --backend triton "$@" --json "$OUT/versus_earlier_$round.json" \
+        2>&1 | grep -v -i warn > "$OUT/versus_earlier_$round.txt"
+      rocmoe bench --op "$op" --backend triton "$@" --json "$OUT/versus_this_$round.json" 2>&1 | grep -v -i warn \
+        > "$OUT/versus_this_$round.txt"
+    done
+    for round in 1 2; do
+      python3 "$repo/ci/bench_compare.py" "$OUT/versus_earlier_$round.json" "$OUT/versus_this_$round.json"
+    done | tee "$OUT/versus_compare.md"
     ;;
   firstcall)
     cache=$repo/${1:?usage: gpu_check.sh firstcall PRECOMPILED_CACHE_DIR}

@@ -37,10 +37,10 @@ class _Skip:
         return lambda *args, **kwargs: None
 
 
-def reduce_variants(calls, chosen, inputs, device) -> None:
+def reduce_variants(calls, chosen, keys, inputs, device) -> None:
     """The whole call with other reduce tiles (heads x d_v block) and warps."""
     shipped = mla.REDUCE_BLOCK_H, mla.REDUCE_WARPS, mla.reduce_blocks
-    block_s = mla.next_power_of_2(chosen.SPLIT)
+    block_s = mla.next_power_of_2(mla.key_chunks(keys, chosen)[1])  # the partials the launch writes
     results = []
     for block_h in (1, 2, 4, 8, 16):
         for tile in (1024, 2048, 4096, 8192):
@@ -120,8 +120,8 @@ def main() -> None:
                 mla.HALF_PARTIALS = shipped_partials
                 if args.no_sweep:
                     continue
-                if chosen.SPLIT > 1:
-                    reduce_variants(calls, chosen, inputs, device)
+                if mla.key_chunks(keys, chosen)[1] > 1:
+                    reduce_variants(calls, chosen, keys, inputs, device)
                 for split in (1, 2, 4, 8, 16, 32, 64):
                     if split == chosen.SPLIT or keys // split < chosen.BLOCK_N:
                         continue

@@ -302,6 +302,20 @@ def test_a_wgmma_config_it_cannot_take_runs_the_tl_kernel(kernel_device, gen, sp
     _check(out, lse, q, cache, idx, d_v, **kw)
 
 
+@pytest.mark.parametrize("arch", ["gfx942", "gfx950", "sm90", "sm100"])
+def test_deepseek_v4_with_its_extra_keys_is_offered_and_built_on_every_gpu_arch(arch):
+    # AITER has no kernel with a second key set, so on CDNA the Triton kernel is what serves V4
+    # (D = 512, sliding window + compressed cache, sink); build-check compiles it there.
+    from rocmoe.backends.triton.sparse_mla_decode import IMPLEMENTATION, build_variants
+    from rocmoe.ops.sparse_mla_decode import SparseMlaProblem
+
+    v4 = SparseMlaProblem(dtype=torch.bfloat16, num_heads=64, head_dim=512, d_v=512, block_size=64, topk=512,
+                          has_topk_length=True, has_sink=True, extra_block_size=64, extra_topk=128)
+    assert IMPLEMENTATION.not_supported_reasons(Device.from_arch(arch), v4) == []
+    labels = [b.label for b in build_variants(arch)]
+    assert {("partial" in label, "int64" in label) for label in labels if label.startswith("D=512 +extra +sink")} \
+        == {(False, False), (False, True), (True, False), (True, True)}
+
 def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only():
     from rocmoe.backends.triton.sparse_mla_decode import _WGMMA_TUNE_SHAPES, _tune_candidates
 

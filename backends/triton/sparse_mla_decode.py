@@ -65,9 +65,6 @@ def reduce_blocks(split: int) -> tuple[int, int]:
     return block_s, max(16, REDUCE_TILE // (block_s * REDUCE_BLOCK_H))
 
 
-_CDNA = frozenset({"cdna3", "cdna4", "amd"})
-
-
 @dataclass(frozen=True)
 class MlaConfig:
     """BLOCK_H heads and BLOCK_N keys per step in a program; SPLIT programs per
@@ -336,9 +333,6 @@ class TritonSparseMlaDecode(TritonOp):
         if dims is None or dims[0] < 16:
             reasons.append(f"triton sparse_mla_decode needs D = a power of two (>= 16) plus a power-of-two "
                            f"tail (576 = 512 + 64, 512); got D = {problem.head_dim}")
-        elif problem.extra_topk is not None and device.family in _CDNA:
-            reasons.append("triton sparse_mla_decode with an extra key set (DeepSeek-V4) spills registers on "
-                           "CDNA (gfx942/gfx950, seen by rocmoe build-check); not offered there yet")
         elif problem.d_v > dims[0]:
             reasons.append(f"triton sparse_mla_decode needs d_v <= {dims[0]} (the power-of-two part of "
                            f"D = {problem.head_dim}); got d_v = {problem.d_v}")
@@ -432,11 +426,7 @@ def build_variants(arch: str):
     device = Device.from_arch(arch)
     table = SPEC.table(arch)
     jobs = set()
-    # The extra key set is not offered on CDNA (see not_supported_reasons).
-    extras = (False,) if device.family in _CDNA else (False, True)
     for _, dim, heads, topk, extra in BENCH_SHAPES:
-        if extra and device.family in _CDNA:
-            continue
         jobs |= {(dim, has_extra, SPEC.heuristic(device)(_regime(device, t, heads, topk + extra, dim)))
                  for t in BENCH_TOKENS for has_extra in {False, extra > 0}}
     if table is not None:
@@ -444,7 +434,7 @@ def build_variants(arch: str):
         # without the extra key set, D = 512 (V4) with and without it.
         for when, cfg in table.entries:
             dims = (when["head_dim"][0],) if "head_dim" in when else tuple({dim for _, dim, *_ in BENCH_SHAPES})
-            jobs |= {(dim, has_extra, cfg) for dim in dims for has_extra in extras
+            jobs |= {(dim, has_extra, cfg) for dim in dims for has_extra in (False, True)
                      if not has_extra or any(d == dim and extra for _, d, _, _, extra in BENCH_SHAPES)}
     if arch == "sm90":
         jobs |= {(dim, has_extra, tune_config(shape, split)) for dim, has_extra in ((576, False), (512, True))

@@ -21,14 +21,25 @@ def _device_arg(value: str | None):
     if value is None:
         current = Device.current()
         return torch.device(current.torch_type, current.index) if current.index is not None else torch.device("cpu")
-    return torch.device(value)
+    try:
+        return torch.device(value)
+    except RuntimeError as exc:  # torch's message does not say which argument held the string
+        raise ValueError(f"--device must be a torch device such as 'cuda:0', 'xpu' or 'cpu' (an architecture "
+                         f"name such as gfx942 goes to `rocmoe info --arch`), got {value!r}") from exc
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from rocmoe.device import Device
     from rocmoe.info import collect, render
 
-    info = collect(Device.for_torch_device(_device_arg(args.device)))
+    if args.arch is not None:
+        try:
+            device = Device.from_arch(args.arch)
+        except ValueError as exc:
+            raise ValueError(f"--arch: {exc}") from exc
+    else:
+        device = Device.for_torch_device(_device_arg(args.device))
+    info = collect(device)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -197,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions, device, and which backend runs each op (and why not the others)")
     info.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    info.add_argument("--device", help="torch device to describe (default: the current one)")
+    where = info.add_mutually_exclusive_group()
+    where.add_argument("--device", help="torch device to describe (default: the current one)")
+    where.add_argument("--arch", help="an architecture to describe without its hardware (gfx942, gfx950, sm90, "
+                                      "sm100, sm80, xpu): what this install would select there")
     info.set_defaults(fn=_cmd_info)
 
     bench = sub.add_parser("bench", help="check and time every op on this device (roofline, graphs, compare)")

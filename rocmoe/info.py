@@ -80,7 +80,7 @@ def collect(device: Device | None = None) -> dict[str, Any]:
         },
         "device": {
             "name": device.name, "vendor": device.vendor, "arch": device.arch, "family": device.family,
-            "index": device.index, "compute_units": device.limits.compute_units,
+            "index": device.index, "present": device.present, "compute_units": device.limits.compute_units,
             "shared_mem_per_block": device.limits.shared_mem_per_block, "warp_size": device.limits.warp_size,
         },
         "default_order": list(registry.default_order("gemma4_routing", device)),
@@ -101,7 +101,8 @@ def render(info: dict[str, Any], file=None) -> None:
     dev = info["device"]
     console.print(f"device: {dev['name']}  arch {dev['arch']}  family {dev['family']}  "
                   f"{dev['compute_units']} CU/SM  {dev['shared_mem_per_block'] // 1024} KiB shared/block  "
-                  f"warp {dev['warp_size']}")
+                  f"warp {dev['warp_size']}"
+                  + ("" if dev.get("present", True) else "  (described from its arch: not this machine's device)"))
     console.print(f"default backend order: {' > '.join(info['default_order'])}")
     console.print("environment: " + escape(", ".join(f"{k}={v}" for k, v in info["env"].items()) or "no overrides"))
     table = Table(title="op x backend", show_lines=True)

@@ -31,6 +31,26 @@ def test_info_json_describes_every_op_and_backend():
             assert b["available"] == (not b["reasons"])
 
 
+def test_info_describes_an_arch_without_its_hardware(capsys):
+    assert main(["info", "--arch", "gfx942", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {k: info["device"][k] for k in ("arch", "family", "present", "warp_size")} == \
+        {"arch": "gfx942", "family": "cdna3", "present": False, "warp_size": 64}
+    assert info["default_order"] == ["aiter", "triton", "torch"]
+    for op in info["ops"]:
+        rows = {b["backend"]: b for b in op["backends"]}
+        assert sum(b["selected"] for b in rows.values()) == 1 and op["error"] is None
+        assert rows["triton"]["available"] and rows["triton"]["config"] == "heuristic for cdna3"
+    assert main(["info", "--arch", "sm90"]) == 0
+    assert "described from its arch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, named", [(["--device", "gfx942"], "--device"), (["--arch", "mi300"], "--arch")])
+def test_info_names_the_argument_it_cannot_read(capsys, args, named):
+    assert main(["info", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rocmoe info: {named}") and repr(args[1]) in err
+
 def test_info_table_via_python_m():
     result = _run(sys.executable, "-m", "rocmoe", "info")
     assert result.returncode == 0, result.stderr

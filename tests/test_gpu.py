@@ -247,6 +247,12 @@ def _dv_split_tune_configs():
     return [tune_config(shape, split) for shape in _TUNE_SHAPES if shape[-1] > 1 for split in (1, 8)]
 
 
+# The sm90 tuner's candidates: up to 221 KB of shared memory a program, more than CDNA's LDS holds.
+_SM90_ONLY = pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None
+                                or torch.cuda.get_device_capability()[0] != 9, reason="sm90's launch shapes")
+
+
+@_SM90_ONLY
 @pytest.mark.parametrize("config", _dv_split_tune_configs(), ids=repr)
 @pytest.mark.parametrize("shape", [(576, 2048, 0), (512, 1024, 128)], ids=["v32-h128", "v4-pro"])
 def test_triton_mla_dv_split_candidates_at_spec_shapes(cuda, gen, config, shape):
@@ -307,8 +313,7 @@ def _wgmma_configs():
             + [pingpong_config(split) for split in (1, 3)])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.version.cuda is None
-                    or torch.cuda.get_device_capability()[0] != 9, reason="the Gluon wgmma kernel is sm90's")
+@_SM90_ONLY
 @pytest.mark.parametrize("config", _wgmma_configs(), ids=lambda c: (f"{'pingpong' if c.PINGPONG else 'wgmma'}-"
                                                                     f"{c.BLOCK_N}keys-{c.num_stages}stages-split{c.SPLIT}"))
 @pytest.mark.parametrize("dim, extra, heads", [(576, 0, 128), (512, 40, 128), (576, 0, 80), (512, 40, 64)])

@@ -51,6 +51,7 @@ def test_info_names_the_argument_it_cannot_read(capsys, args, named):
     err = capsys.readouterr().err
     assert err.startswith(f"rocmoe info: {named}") and repr(args[1]) in err
 
+
 def test_info_table_via_python_m():
     result = _run(sys.executable, "-m", "rocmoe", "info")
     assert result.returncode == 0, result.stderr

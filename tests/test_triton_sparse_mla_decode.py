@@ -124,6 +124,7 @@ def test_a_split_launches_only_the_chunks_that_hold_keys(kernel_device, gen, mon
     assert grids == [(tokens * launched * 2,)]  # two 16-head blocks for 20 heads
     assert len(reduces) == (launched > 1)
 
+
 def test_partial_dtype_follows_a_16_bit_output_only_when_half_partials_are_on(monkeypatch):
     from rocmoe.backends.triton import sparse_mla_decode as mla
 
@@ -315,6 +316,7 @@ def test_deepseek_v4_with_its_extra_keys_is_offered_and_built_on_every_gpu_arch(
     labels = [b.label for b in build_variants(arch)]
     assert {("partial" in label, "int64" in label) for label in labels if label.startswith("D=512 +extra +sink")} \
         == {(False, False), (False, True), (True, False), (True, True)}
+
 
 def test_the_tuner_offers_the_wgmma_kernel_on_sm90_only():
     from rocmoe.backends.triton.sparse_mla_decode import _WGMMA_TUNE_SHAPES, _tune_candidates

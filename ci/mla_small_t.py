@@ -122,10 +122,12 @@ def main() -> None:
                     continue
                 if mla.key_chunks(keys, chosen)[1] > 1:
                     reduce_variants(calls, chosen, keys, inputs, device)
+                timed = {mla.key_chunks(keys, chosen)}  # splits that cut the keys alike launch alike
                 for split in (1, 2, 4, 8, 16, 32, 64):
-                    if split == chosen.SPLIT or keys // split < chosen.BLOCK_N:
-                        continue
                     cfg = dataclasses.replace(chosen, SPLIT=split)
+                    if mla.key_chunks(keys, cfg) in timed or keys // split < chosen.BLOCK_N:
+                        continue
+                    timed.add(mla.key_chunks(keys, cfg))
                     print(f"{'':20s} SPLIT={split:<3d} whole {time_graph(calls(cfg), device) * 1e6:6.1f} us",
                           flush=True)
 
